@@ -1,0 +1,51 @@
+# Run `make help` for the targets. Everything installs into .venv; nothing is needed by hand.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+PORT := $${BENTOML_PORT:-3000}
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv and install the project with training, load-test, drift and dev extras
+
+system-deps: ## install promtool and prometheus (Debian package) for the metrics tests, if missing
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+train: setup ## generate the demo data, train, export fp32/fp16/int8 and save to the BentoML model store
+	$(PY) -m training --demo
+
+demo: train ## set up, train on the demo data, store, then serve on port 3000 (or $BENTOML_PORT)
+	$(MAKE) serve
+
+serve: setup ## serve the latest stored model on port 3000 (or $BENTOML_PORT), no retraining
+	$(BIN)/bentoml serve . --host 0.0.0.0 --port $(PORT)
+
+test: setup system-deps ## set up and run every test (GPU tests skip without a GPU)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pytest
+
+bench: setup ## model-stage benchmark, then the full load-test comparison against the FastAPI baseline
+	$(PY) -m training.bench
+	$(PY) -m loadtest.run --compare
+
+lint: setup ## format and lint
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean: ## remove caches and generated outputs (keeps .venv and the model store)
+	rm -rf .pytest_cache .ruff_cache build runs reports results
+
+.PHONY: help setup system-deps train demo serve test bench lint clean
