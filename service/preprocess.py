@@ -124,7 +124,9 @@ def to_rgb(img: Image.Image, spec: PreprocessSpec, draft: bool = True) -> Image.
     except ImageError:
         raise
     except Exception as exc:
-        raise ImageError(400, "undecodable_image", f"The image could not be decoded ({exc}); it may be truncated.") from exc
+        raise ImageError(
+            400, "undecodable_image", f"The image could not be decoded ({exc}); it may be truncated."
+        ) from exc
 
 
 def resize(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
@@ -161,4 +163,3 @@ def upright_size(img: Image.Image) -> tuple[int, int]:
 def preprocess_file(path: str | Path, spec: PreprocessSpec) -> tuple[np.ndarray, tuple[int, int]]:
     """Same as :func:`preprocess_bytes` for a file on disk (training and reference statistics)."""
     return preprocess_bytes(Path(path).read_bytes(), spec)
-
