@@ -1,0 +1,1 @@
+"""Image classification service: decode and preprocess, batched ONNX inference, metrics, inference log."""

@@ -1,0 +1,126 @@
+"""The shared decode path: every unusual-but-valid image becomes a model input; bad input gets a clear 4xx."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.imagestats import STAT_FIELDS, image_stats
+from service.preprocess import ImageError, PreprocessSpec, preprocess_bytes
+
+SPEC = PreprocessSpec(size=32)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def gradient(w: int, h: int) -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None].repeat(w, 1)
+    return Image.fromarray(np.stack([x, y, 255 - x], -1).astype(np.uint8))
+
+
+def png_bomb(side: int) -> bytes:
+    """A valid PNG header claiming side x side pixels, with a tiny body: must be refused before decoding."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    ihdr = side.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def exif_rotated_jpeg() -> bytes:
+    """A 60x30 landscape stored with orientation 6 (display rotated 90 degrees: portrait 30x60)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(gradient(60, 30), "JPEG", exif=exif.tobytes())
+
+
+UNUSUAL = {
+    "cmyk_jpeg": lambda: encode(gradient(40, 30).convert("CMYK"), "JPEG"),
+    "grayscale_png": lambda: encode(gradient(40, 30).convert("L"), "PNG"),
+    "png_16bit": lambda: encode(Image.fromarray((np.arange(1200).reshape(30, 40) * 50).astype(np.uint16)), "PNG"),
+    "la_png": lambda: encode(gradient(40, 30).convert("LA"), "PNG"),
+    "palette_transparency": lambda: encode(gradient(40, 30).convert("P"), "PNG", transparency=0),
+    "rgba_png": lambda: encode(gradient(40, 30).convert("RGBA"), "PNG"),
+    "one_pixel": lambda: encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
+    "tall_strip": lambda: encode(gradient(3, 2000), "PNG"),
+    "wide_strip": lambda: encode(gradient(2000, 3), "JPEG"),
+    "progressive_jpeg": lambda: encode(gradient(400, 300), "JPEG", progressive=True, quality=80),
+    "webp": lambda: encode(gradient(40, 30), "WEBP"),
+    "bmp": lambda: encode(gradient(40, 30), "BMP"),
+    "gif": lambda: encode(gradient(40, 30).convert("P"), "GIF"),
+    "tiff": lambda: encode(gradient(40, 30), "TIFF"),
+    "exif_rotated": exif_rotated_jpeg,
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNUSUAL))
+def test_unusual_valid_images_become_model_inputs(name):
+    pixels, size = preprocess_bytes(UNUSUAL[name](), SPEC)
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+    stats = image_stats(pixels, size)
+    assert list(stats) == list(STAT_FIELDS) and all(np.isfinite(v) for v in stats.values())
+
+
+def test_exif_orientation_is_applied_and_reported():
+    _, size = preprocess_bytes(exif_rotated_jpeg(), SPEC)
+    assert size == (30, 60)
+
+
+def test_transparency_is_composited_on_white():
+    clear = Image.new("RGBA", (20, 20), (255, 0, 0, 0))
+    pixels, _ = preprocess_bytes(encode(clear, "PNG"), SPEC)
+    assert pixels.min() == 255
+
+
+def test_large_jpeg_decodes_at_reduced_scale_with_true_size():
+    pixels, size = preprocess_bytes(encode(gradient(4032, 3024), "JPEG", quality=85), PreprocessSpec(size=224))
+    assert pixels.shape == (224, 224, 3) and size == (4032, 3024)
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"", 400, "empty_image"),
+        (b"this is not an image", 400, "undecodable_image"),
+        (encode(gradient(200, 200), "JPEG")[:600], 400, "undecodable_image"),
+        (b"%PDF-1.4\n" + b"0" * 100, 400, "undecodable_image"),
+        (png_bomb(40_000), 413, "too_many_pixels"),
+    ],
+    ids=["empty", "garbage", "truncated_jpeg", "pdf", "png_bomb"],
+)
+def test_bad_input_raises_a_client_error(data, status, code):
+    with pytest.raises(ImageError) as err:
+        preprocess_bytes(data, SPEC)
+    assert (err.value.status, err.value.code) == (status, code)
+    assert err.value.detail
+
+
+def test_unsupported_format_is_415():
+    ico = encode(gradient(32, 32), "ICO")
+    with pytest.raises(ImageError) as err:
+        preprocess_bytes(ico, SPEC)
+    assert err.value.status == 415
+
+
+def test_pixel_limit_is_configurable():
+    data = encode(gradient(100, 100), "PNG")
+    with pytest.raises(ImageError) as err:
+        preprocess_bytes(data, SPEC, max_pixels=9_999)
+    assert err.value.status == 413
+    preprocess_bytes(data, SPEC, max_pixels=10_000)
+
+
+def test_spec_round_trips_through_json(tmp_path):
+    spec = PreprocessSpec(size=96, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    spec.save(tmp_path / "preprocess.json")
+    assert PreprocessSpec.load(tmp_path / "preprocess.json") == spec
