@@ -1,0 +1,195 @@
+"""The drift job on synthetic logs: bad lines, mixed models, too little data, the Prometheus file, a 100k-row log.
+
+The rows are drawn from a small generative model of the log (correlated image statistics, a label,
+a confidence, class-dependent embeddings), written with the service's own schema functions and read
+by the real job with real Evidently. The model store lookup is real too (a model saved with
+``bentoml.models.create`` in the test BentoML home).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from drift.__main__ import main
+from drift.logread import LogError, parse_since, read_log
+from drift.promfile import render, write_textfile
+from drift.report import DriftConfig, drift_report
+from service.artifacts import REFERENCE_FILE
+from service.imagestats import STAT_FIELDS
+from service.inference_log import EMBEDDING_PREFIX, encode, make_record
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("circle", "square", "triangle", "star")
+DIM = 16
+T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+
+
+def synthetic_rows(n: int, seed: int, brightness_shift: float = 0.0) -> pd.DataFrame:
+    """Rows shaped like the reference table: correlated statistics, label, confidence, class-dependent embedding."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 2))
+    label_idx = rng.integers(len(CLASSES), size=n)
+    size = rng.choice([(640, 480), (480, 640), (500, 375)], size=n)
+    frame = pd.DataFrame(
+        {
+            "brightness": np.clip(0.45 + 0.12 * z[:, 0] + brightness_shift, 0, 1),
+            "contrast": np.clip(0.2 + 0.04 * z[:, 0] + 0.03 * z[:, 1], 0, 1),
+            "sharpness": 5 + 0.8 * z[:, 1] + 0.2 * rng.normal(size=n),
+            "colorfulness": np.clip(0.3 + 0.05 * z[:, 1] + 0.03 * rng.normal(size=n), 0, None),
+            "saturation": np.clip(0.4 + 0.08 * z[:, 1], 0, 1),
+            "entropy": 7 + 0.3 * z[:, 0] + 0.2 * rng.normal(size=n),
+            "width": size[:, 0].astype(float),
+            "height": size[:, 1].astype(float),
+        }
+    )
+    frame["aspect_ratio"] = frame["width"] / frame["height"]
+    frame["label"] = [CLASSES[i] for i in label_idx]
+    frame["confidence"] = rng.beta(8, 2, size=n)
+    centroids = np.random.default_rng(1234).normal(size=(len(CLASSES), DIM))
+    emb = centroids[label_idx] + 0.8 * rng.normal(size=(n, DIM))
+    for j in range(DIM):
+        frame[f"{EMBEDDING_PREFIX}{j}"] = emb[:, j]
+    return frame[[*STAT_FIELDS, "label", "confidence", *(f"{EMBEDDING_PREFIX}{j}" for j in range(DIM))]]
+
+
+def write_log(path: Path, rows: pd.DataFrame, model: str, start: datetime = T0) -> None:
+    """Write rows as inference-log lines with the service's schema functions."""
+    emb_cols = [c for c in rows.columns if c.startswith(EMBEDDING_PREFIX)]
+    stats, embs = rows[list(STAT_FIELDS)].to_dict("records"), rows[emb_cols].to_numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        for i, (s, label, conf) in enumerate(zip(stats, rows["label"], rows["confidence"], strict=True)):
+            when = start + timedelta(seconds=i)
+            f.write(encode(make_record(uuid.uuid4().hex, model, label, conf, s, embs[i].tolist(), time=when)))
+
+
+@pytest.fixture(scope="module")
+def stored_model(bentoml_home) -> str:
+    """A model in the test store holding only a reference table: enough for the drift job's lookup."""
+    import bentoml
+
+    with bentoml.models.create("drift-synthetic") as model:
+        synthetic_rows(2000, seed=0).to_parquet(Path(model.path) / REFERENCE_FILE)
+    return str(model.tag)
+
+
+def test_in_distribution_log_passes_and_writes_reports(stored_model, tmp_path, capsys):
+    write_log(tmp_path / "log" / "inference-1.jsonl", synthetic_rows(400, seed=1), stored_model)
+    code = main(["--log-dir", str(tmp_path / "log"), "--out", str(tmp_path / "reports")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "verdict: no drift" in out and "brightness" in out and "embedding" in out
+    html, js = sorted((tmp_path / "reports").glob("drift-*.html")), sorted((tmp_path / "reports").glob("drift-*.json"))
+    assert len(html) == 1 and len(js) == 1
+    assert "Verdict: <b>no drift</b>" in html[0].read_text()
+    assert (tmp_path / "reports" / "drift.prom").read_text().count("imgcls_drift_detected{") == 1
+
+
+def test_brightness_shift_is_drift(stored_model, tmp_path, capsys):
+    write_log(tmp_path / "log" / "inference-1.jsonl", synthetic_rows(300, seed=2, brightness_shift=0.1), stored_model)
+    code = main(["--log-dir", str(tmp_path / "log"), "--out", str(tmp_path / "reports")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert any(line.startswith("brightness") and line.endswith("YES") for line in out.splitlines()), out
+
+
+def test_corrupt_and_truncated_lines_are_skipped_and_counted(stored_model, tmp_path, capsys):
+    folder = tmp_path / "log"
+    write_log(folder / "inference-a.jsonl", synthetic_rows(150, seed=3), stored_model)
+    good = (folder / "inference-a.jsonl").read_bytes().splitlines(keepends=True)
+    bad = [
+        b"not json at all\n",
+        b'{"v":1,"time":"2025-01-01T00:00:00+00:00"}\n',  # fields missing
+        good[0].replace(b'"confidence":', b'"confidence":"NaN","x":'),  # non-finite confidence
+        b"\x00\x00\x00\x00\n",  # zero-filled block after a crash
+        good[1][: len(good[1]) // 2] + b"\n",  # torn in the middle
+    ]
+    # A rotated file with the bad lines between good ones, ending in a line cut short by a crash (no newline).
+    (folder / "inference-b.jsonl.1").write_bytes(b"".join(good[2:5] + bad + good[5:7]) + good[7][:40])
+    data = read_log(folder)
+    assert data.skipped == len(bad) + 1
+    assert len(data.frame) == 150 + 5 and data.model == stored_model
+    code = main(["--log-dir", str(folder), "--out", str(tmp_path / "reports")])
+    out = capsys.readouterr().out
+    assert code in (0, 1) and f"{len(bad) + 1} skipped" in out
+    assert "were skipped as corrupt or truncated" in next((tmp_path / "reports").glob("*.html")).read_text()
+
+
+def test_mixed_model_tags_are_refused_unless_one_is_chosen(stored_model, tmp_path, capsys):
+    folder = tmp_path / "log"
+    write_log(folder / "inference-1.jsonl", synthetic_rows(120, seed=4), stored_model)
+    write_log(folder / "inference-2.jsonl", synthetic_rows(50, seed=5), "image-classifier:older")
+    with pytest.raises(LogError, match="2 models"):
+        read_log(folder)
+    code = main(["--log-dir", str(folder), "--out", str(tmp_path / "reports")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--model" in err and stored_model in err and "image-classifier:older" in err
+    assert main(["--log-dir", str(folder), "--out", str(tmp_path / "r2"), "--model", stored_model]) == 0
+
+
+def test_cannot_judge_without_enough_rows(stored_model, tmp_path, capsys):
+    assert main(["--log-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    write_log(tmp_path / "log" / "inference-1.jsonl", synthetic_rows(60, seed=6), stored_model)
+    assert main(["--log-dir", str(tmp_path / "log"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "60 current rows" in err and "at least 100" in err
+    assert "imgcls_drift_judged" in (tmp_path / "r" / "drift.prom").read_text()
+
+
+def test_window_since_and_last(stored_model, tmp_path):
+    write_log(tmp_path / "log" / "inference-1.jsonl", synthetic_rows(300, seed=7), stored_model)
+    assert len(read_log(tmp_path / "log", last=120).frame) == 120
+    since = read_log(tmp_path / "log", since=T0 + timedelta(seconds=200))
+    assert len(since.frame) == 100 and since.outside_window == 200
+    assert parse_since("24h", now=T0) == T0 - timedelta(hours=24)
+    assert parse_since("2025-01-01T00:00") == T0
+    with pytest.raises(LogError, match="duration"):
+        parse_since("yesterday")
+
+
+def test_unknown_model_in_log_says_where_to_look(bentoml_home, tmp_path, capsys):
+    write_log(tmp_path / "log" / "inference-1.jsonl", synthetic_rows(150, seed=8), "image-classifier:nosuchtag")
+    assert main(["--log-dir", str(tmp_path / "log"), "--out", str(tmp_path / "r")]) == 2
+    assert "not in the BentoML model store" in capsys.readouterr().err
+
+
+def test_prometheus_file_is_valid(tmp_path):
+    reference, current = synthetic_rows(500, seed=9), synthetic_rows(200, seed=10)
+    result = drift_report(reference, current, None, DriftConfig(plot_points=100))
+    path = write_textfile(tmp_path / "drift.prom", render(result, 'image-classifier:"x"', skipped_lines=3))
+    text = path.read_text()
+    assert 'imgcls_drift_skipped_lines{model="image-classifier:\\"x\\""} 3.0' in text
+    assert "imgcls_drift_embedding_score{" in text and 'feature="brightness"' in text
+    assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed, not left behind
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (make system-deps installs it)")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.slow
+def test_large_log_is_sampled_and_judged(stored_model, tmp_path, capsys):
+    """100k log rows from the reference distribution: judged on a sample, and the report says so (time is logged)."""
+    write_log(tmp_path / "log" / "inference-1.jsonl", synthetic_rows(100_000, seed=11), stored_model)
+    started = time.perf_counter()
+    code = main(["--log-dir", str(tmp_path / "log"), "--out", str(tmp_path / "reports")])
+    elapsed = time.perf_counter() - started
+    out = capsys.readouterr().out
+    log.info("drift job on 100,000 log rows: %.1f s", elapsed)
+    print(f"drift job on 100,000 log rows: {elapsed:.1f} s")
+    assert code == 0, out
+    assert "sampled: 20,000 of 100,000 rows" in out
+    assert "sampled: 20,000 of 100,000 rows" in next((tmp_path / "reports").glob("*.html")).read_text()
