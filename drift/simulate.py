@@ -1,0 +1,200 @@
+"""`python -m drift.simulate`: send held-out images to a running service, optionally shifted, to watch drift fire.
+
+Shifts: none (the files as they are), brightness, contrast, blur, noise, rotation, unseen (a kind of
+image that is not among the classes), aspect (stretched to 2:1). Requests are bounded in count and
+each has a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def _brightness(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return ImageEnhance.Brightness(img).enhance(rng.uniform(1.5, 1.8))
+
+
+def _contrast(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return ImageEnhance.Contrast(img).enhance(rng.uniform(0.3, 0.45))
+
+
+def _blur(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return img.filter(ImageFilter.GaussianBlur(radius=max(2.0, max(img.size) * rng.uniform(0.025, 0.035))))
+
+
+def _noise(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 30, size=(img.height, img.width, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def _rotation(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    # A camera that stopped writing (or a pipeline that dropped) the EXIF orientation: a quarter turn.
+    return img.rotate(90 if rng.random() < 0.5 else -90, expand=True)
+
+
+def _aspect(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    return img.resize((img.width * 2, img.height), Image.Resampling.BICUBIC)
+
+
+def _unseen(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Something that is not among the classes: a page of coloured text-like stripes on a light background."""
+    w, h = img.size
+    page = Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(200, 256, size=3)))
+    draw = ImageDraw.Draw(page)
+    line = max(3, h // 12)
+    for y in range(line, h - line, line * 2):
+        x = int(rng.integers(0, max(1, w // 8)))
+        while x < w:
+            length = int(rng.integers(max(2, w // 16), max(3, w // 5)))
+            draw.rectangle((x, y, x + length, y + line), fill=tuple(int(c) for c in rng.integers(0, 90, size=3)))
+            x += length + max(2, w // 30)
+    return page
+
+
+SHIFTS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image] | None] = {
+    "none": None,
+    "brightness": _brightness,
+    "contrast": _contrast,
+    "blur": _blur,
+    "noise": _noise,
+    "rotation": _rotation,
+    "unseen": _unseen,
+    "aspect": _aspect,
+}
+
+
+def shift_image(data: bytes, shift: str, rng: np.random.Generator) -> tuple[bytes, str]:
+    """The upload bytes and content type of one image after ``shift`` ("none" sends the file untouched)."""
+    transform = SHIFTS[shift]
+    if transform is None:
+        return data, _content_type(data)
+    with Image.open(io.BytesIO(data)) as src:
+        img = transform(src.convert("RGB"), rng)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")  # lossless, so the shift is the only change
+    return buf.getvalue(), "image/png"
+
+
+def _content_type(data: bytes) -> str:
+    if data[:3] == b"\xff\xd8\xff":
+        return "image/jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Every image file under ``folder`` (any depth), sorted."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"no images (jpg, png, webp, bmp) under {folder}")
+    return paths
+
+
+def default_images() -> Path:
+    """The held-out images of the demo data set that training generates (deterministic, cached)."""
+    from training import demo
+
+    return demo.heldout_folder()
+
+
+@dataclass
+class SimulationResult:
+    """What was sent and how the service answered."""
+
+    sent: int = 0
+    ok: int = 0
+    errors: Counter = field(default_factory=Counter)  # status code (or exception name) -> count
+    labels: Counter = field(default_factory=Counter)  # predicted label -> count
+
+
+def simulate(
+    host: str,
+    images: list[Path],
+    shift: str = "none",
+    n: int = 200,
+    seed: int = 0,
+    workers: int = 4,
+    timeout: float = 30.0,
+) -> SimulationResult:
+    """Send ``n`` images drawn (with a seeded shuffle, cycling when ``n`` exceeds them) to ``host``/classify."""
+    import httpx
+
+    if shift not in SHIFTS:
+        raise ValueError(f"unknown shift {shift!r}; choose one of {', '.join(SHIFTS)}")
+    rng = np.random.default_rng(seed)
+    rounds = -(-n // len(images))  # each image once per round, in a fresh shuffled order
+    order = [images[i] for i in np.concatenate([rng.permutation(len(images)) for _ in range(rounds)])[:n]]
+    seeds = rng.integers(0, 2**32, size=n)
+    result = SimulationResult()
+    url = host.rstrip("/") + "/classify"
+
+    def send(i: int) -> tuple[int | str, str | None]:
+        path = order[i]
+        data, content_type = shift_image(path.read_bytes(), shift, np.random.default_rng(seeds[i]))
+        name = path.stem + (".png" if content_type == "image/png" and shift != "none" else path.suffix)
+        try:
+            resp = client.post(url, files={"image": (name, data, content_type)}, timeout=timeout)
+        except httpx.HTTPError as e:
+            return type(e).__name__, None
+        label = None
+        if resp.status_code == 200:
+            try:
+                label = resp.json().get("label")
+            except ValueError:
+                label = None
+        return resp.status_code, label
+
+    with httpx.Client() as client, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for status, label in pool.map(send, range(n)):
+            result.sent += 1
+            if status == 200:
+                result.ok += 1
+                result.labels[str(label)] += 1
+            else:
+                result.errors[str(status)] += 1
+    if result.errors:
+        log.warning("%d of %d requests failed: %s", sum(result.errors.values()), n, dict(result.errors))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and send the traffic; exit code 1 when any request failed."""
+    p = argparse.ArgumentParser(prog="python -m drift.simulate", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="http://127.0.0.1:3000", help="service URL (default http://127.0.0.1:3000)")
+    p.add_argument("--shift", default="none", choices=list(SHIFTS), help="what to change in the images")
+    p.add_argument("--n", type=int, default=200, help="requests to send (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the image order and the shifts")
+    p.add_argument("--workers", type=int, default=4, help="concurrent requests (default 4)")
+    p.add_argument("--images", type=Path, help="image folder (default: the demo data's held-out images)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    images = find_images(args.images or default_images())
+    result = simulate(args.host, images, args.shift, args.n, args.seed, args.workers)
+    print(f"sent {result.sent} images ({args.shift}) from {len(images)} files: {result.ok} ok")
+    for label, count in result.labels.most_common():
+        print(f"  {label:<20} {count}")
+    for status, count in result.errors.items():
+        print(f"  error {status:<14} {count}")
+    return 1 if result.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
