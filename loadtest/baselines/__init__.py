@@ -1,0 +1,1 @@
+"""Hand-rolled baselines the service is compared with (`python -m loadtest.run --compare`)."""

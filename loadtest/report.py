@@ -1,0 +1,200 @@
+"""Results of a load-test run: the gate, markdown tables, the results JSON and a latency-vs-throughput chart."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from loadtest.stepstats import meets_slo
+
+
+def machine_info() -> dict:
+    """Where the numbers came from: cores, CPU model, memory, GPU (if any) and library versions."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        cpu = platform.processor()
+    mem_gib = None
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        gpu = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        gpu = None
+    versions = {}
+    for pkg in ("bentoml", "onnxruntime-gpu", "locust", "fastapi", "uvicorn"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": mem_gib,
+        "gpu": gpu,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def gate(result: dict, slo_p99_ms: float, max_error_rate: float, min_rps: float, min_ratio: float) -> dict:
+    """Pass or fail with the reasons: a step within the SLO, at least ``min_rps`` there, and the compare ratio."""
+    reasons = []
+    best = result["targets"]["service"]["headline"]
+    if best is None:
+        reasons.append(f"no step met p99 <= {slo_p99_ms:g} ms with errors <= {100 * max_error_rate:g}%")
+    elif min_rps and best["rps"] < min_rps:
+        reasons.append(f"best throughput within the SLO is {best['rps']:.1f} req/s, below --min-rps {min_rps:g}")
+    cmp = result.get("comparison")
+    if min_ratio and cmp is not None and (cmp["throughput_ratio"] is None or cmp["throughput_ratio"] < min_ratio):
+        reasons.append(f"throughput ratio {cmp['throughput_ratio']} is below --min-ratio {min_ratio:g}")
+    return {"passed": not reasons, "reasons": reasons}
+
+
+def comparison(service: dict | None, baseline: dict | None) -> dict:
+    """Service vs baseline at each one's best step within the SLO: throughput ratio and p99s side by side."""
+    ratio = None
+    if service and baseline and baseline["rps"] > 0:
+        ratio = round(service["rps"] / baseline["rps"], 2)
+    p99_ok = bool(service and baseline and service["p99_ms"] <= baseline["p99_ms"])
+    return {
+        "throughput_ratio": ratio,
+        "service_p99_ms": service["p99_ms"] if service else None,
+        "baseline_p99_ms": baseline["p99_ms"] if baseline else None,
+        "service_p99_not_higher": p99_ok,
+        "target_2x_met": bool(ratio is not None and ratio >= 2.0 and p99_ok),
+    }
+
+
+def _fmt(x, digits: int = 0) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def steps_table(steps: list[dict], slo_p99_ms: float, max_error_rate: float) -> str:
+    """Markdown table: one row per step."""
+    rows = [
+        "| users | req/s | errors | p50 ms | p95 ms | p99 ms | within SLO |",
+        "|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for s in steps:
+        ok = "yes" if meets_slo(s, slo_p99_ms, max_error_rate) else "no"
+        rows.append(
+            f"| {s['users']} | {_fmt(s['rps'], 1)} | {100 * s['error_rate']:.2f}% | {_fmt(s['p50_ms'])} "
+            f"| {_fmt(s['p95_ms'])} | {_fmt(s['p99_ms'])} | {ok} |"
+        )
+    return "\n".join(rows)
+
+
+def headline_table(result: dict) -> str:
+    """Markdown table: each target's best step within the SLO, plus the ratio when comparing."""
+    rows = [
+        "| target | best req/s within SLO | users | p50 ms | p99 ms | errors | mean batch size |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in result["targets"].values():
+        h = t["headline"]
+        batch = t.get("metrics", {}).get("mean_batch_size")
+        if h is None:
+            rows.append(f"| {t['label']} | none within SLO | - | - | - | - | {_fmt(batch, 2)} |")
+            continue
+        rows.append(
+            f"| {t['label']} | {h['rps']:.1f} | {h['users']} | {_fmt(h['p50_ms'])} | {_fmt(h['p99_ms'])} "
+            f"| {100 * h['error_rate']:.2f}% | {_fmt(batch, 2)} |"
+        )
+    cmp = result.get("comparison")
+    if cmp is not None:
+        verdict = "met" if cmp["target_2x_met"] else "not met"
+        rows.append(
+            f"| **service / baseline** | **{_fmt(cmp['throughput_ratio'], 2)}x** | | | "
+            f"{_fmt(cmp['service_p99_ms'])} vs {_fmt(cmp['baseline_p99_ms'])} | | 2x target {verdict} |"
+        )
+    return "\n".join(rows)
+
+
+def markdown(result: dict) -> str:
+    """The ready-to-paste section for docs/benchmarks.md: machine, command, headline and per-step tables."""
+    m, s = result["machine"], result["settings"]
+    gpu = m["gpu"] or "no GPU"
+    lines = [
+        f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {gpu}; "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Scenario: {s['scenario']} (image mix `{s['image_mix']}`, users {', '.join(s['user_classes'])}); "
+        f"SLO p99 <= {s['slo_p99_ms']:g} ms, errors <= {100 * s['max_error_rate']:g}%; "
+        f"steps of {s['step_duration']:g} s ({s['step_settle']:g} s settle), model `{s['model']}`.",
+        "",
+        headline_table(result),
+    ]
+    for t in result["targets"].values():
+        metrics = t.get("metrics", {})
+        extra = ""
+        if metrics.get("available"):
+            extra = f" Rejected inputs counted by the service: {metrics.get('rejected_total', 0)}."
+        lines += [
+            "",
+            f"**{t['label']}** per step:{extra}",
+            "",
+            steps_table(t["steps"], s["slo_p99_ms"], s["max_error_rate"]),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def chart(result: dict, path: Path) -> Path:
+    """PNG: p50/p95/p99 against achieved req/s for every target, with the SLO line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"p50_ms": ":", "p95_ms": "--", "p99_ms": "-"}
+    for i, t in enumerate(result["targets"].values()):
+        steps = [s for s in t["steps"] if s["requests"] > 0]
+        if not steps:
+            continue
+        x = [s["rps"] for s in steps]
+        for key, style in styles.items():
+            ax.plot(x, [s[key] for s in steps], style, marker="o", color=f"C{i}", label=f"{t['label']} {key[:3]}")
+        h = t["headline"]
+        if h is not None:
+            ax.annotate(f"{h['rps']:.0f} req/s", (h["rps"], h["p99_ms"]), textcoords="offset points", xytext=(5, 8))
+    slo = result["settings"]["slo_p99_ms"]
+    ax.axhline(slo, color="red", linewidth=1, label=f"SLO p99 {slo:g} ms")
+    ax.set_xlabel("achieved throughput (req/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title(f"Latency vs throughput ({result['settings']['scenario']}, {result['machine']['cores']} cores)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write(result: dict, out_dir: Path) -> dict[str, Path]:
+    """Write results.json, results.md and latency_vs_throughput.png into ``out_dir``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out_dir / "results.json",
+        "markdown": out_dir / "results.md",
+        "chart": out_dir / "latency_vs_throughput.png",
+    }
+    result.setdefault("files", {}).update({k: str(v) for k, v in paths.items()})
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["markdown"].write_text(markdown(result))
+    chart(result, paths["chart"])
+    return paths

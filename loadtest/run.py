@@ -1,0 +1,272 @@
+"""Headless benchmark runner: `python -m loadtest.run [--compare]`.
+
+Starts the service (or uses ``--host``), runs Locust as a subprocess with the step load shape until the SLO
+breaks or the last step, scrapes /metrics before and after, and writes Locust's CSV and HTML reports, a
+results JSON, a markdown summary and a latency-vs-throughput chart. Exits 1 when the SLO gate fails.
+With ``--compare`` the identical scenario then runs against the FastAPI baseline, and the report gives the
+throughput ratio at each one's best step within the SLO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import subprocess
+import sys
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from loadtest import promscrape, report, servers
+from loadtest.images import COMPARE_MIX, DEFAULT_MIX, parse_mix
+from loadtest.stepstats import headline, step_schedule
+
+log = logging.getLogger(__name__)
+
+LOADTEST_DIR = Path(__file__).resolve().parent
+
+#: Scenario presets: which Locust users run, with which images and share of bad inputs.
+SCENARIOS = {
+    # Everything a user sends: the image mix on /classify with 1% bad inputs, plus /classify_batch.
+    "mix": {"user_classes": ["ClassifyUser", "BatchClassifyUser"], "image_mix": DEFAULT_MIX, "bad_input_share": 0.01},
+    # The serving issue's comparison: /classify with 500x375 JPEGs only.
+    "compare": {"user_classes": ["ClassifyUser"], "image_mix": COMPARE_MIX, "bad_input_share": 0.0},
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; saved into results.json as the resolved settings."""
+
+    host: str = ""  # target an already running service instead of starting one
+    model: str = "image-classifier:latest"  # model tag the runner serves (and the baseline loads)
+    variant: str = ""  # IMGCLS_VARIANT for the service; empty: its default (int8 on CPU, fp16 on CUDA)
+    device: str = ""  # IMGCLS_DEVICE; empty: auto
+    workers: int = 0  # IMGCLS_WORKERS; 0: the service's default
+    scenario: str = "mix"
+    image_mix: str = ""  # overrides the scenario's mix
+    user_classes: list[str] = field(default_factory=list)  # overrides the scenario's users
+    bad_input_share: float = -1.0  # overrides the scenario's share; <0: the scenario's
+    labels: str = ""  # labels to validate against; empty: the served model's labels.json when the runner knows it
+    steps: str = "1,2,4,6,8,12,16,24,32,48,64"  # users per step (or START..MAXxFACTOR)
+    step_duration: float = 40.0  # seconds per step; the first step_settle seconds are not measured
+    step_settle: float = 10.0
+    warmup: float = 15.0  # seconds at the first step's load before measuring (JIT, caches, batching warm)
+    slo_p99_ms: float = 200.0
+    max_error_rate: float = 0.001
+    min_rps: float = 0.0  # gate: the best throughput within the SLO must reach this
+    break_steps: int = 1  # stop after this many consecutive steps break the SLO; 0: run every step
+    processes: int = 0  # Locust --processes (one Locust process tops out at a few hundred req/s of uploads)
+    compare: bool = False
+    min_ratio: float = 0.0  # gate (with --compare): service/baseline throughput ratio must reach this
+    batch_metric: str = "batch_size"  # substring of the service's batch-size histogram name in /metrics
+    out: str = ""  # output folder; default runs/loadtest/<timestamp>
+    locust_args: list[str] = field(default_factory=list)  # passed to Locust as they are
+    ready_timeout: float = 300.0
+
+    def resolved(self) -> RunConfig:
+        """Fill the scenario's defaults into the empty fields and check the values."""
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"Unknown scenario {self.scenario!r}; choose from {', '.join(SCENARIOS)}.")
+        preset = SCENARIOS[self.scenario]
+        self.image_mix = self.image_mix or preset["image_mix"]
+        self.user_classes = self.user_classes or list(preset["user_classes"])
+        if self.bad_input_share < 0:
+            self.bad_input_share = preset["bad_input_share"]
+        parse_mix(self.image_mix)
+        step_schedule(self.steps)
+        if self.step_settle >= self.step_duration:
+            raise ValueError("--step-settle must be shorter than --step-duration.")
+        self.out = self.out or str(Path("runs/loadtest") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+        return self
+
+
+def locust_command(cfg: RunConfig, url: str, out_dir: Path, labels: str) -> list[str]:
+    """The `python -m locust` command line for one target."""
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOADTEST_DIR), "--headless", "--host", url,
+           "--steps", cfg.steps, "--step-duration", str(cfg.step_duration), "--step-settle", str(cfg.step_settle),
+           "--warmup", str(cfg.warmup), "--slo-p99-ms", str(cfg.slo_p99_ms),
+           "--max-error-rate", str(cfg.max_error_rate), "--break-steps", str(cfg.break_steps),
+           "--steps-out", str(out_dir / "steps.json"), "--image-mix", cfg.image_mix,
+           "--bad-input-share", str(cfg.bad_input_share), "--labels", labels,
+           "--csv", str(out_dir / "locust"), "--html", str(out_dir / "locust_report.html"),
+           "--only-summary", "--loglevel", "INFO"]  # fmt: skip
+    if cfg.processes:
+        cmd += ["--processes", str(cfg.processes)]
+    return cmd + cfg.locust_args + cfg.user_classes
+
+
+def run_locust(cmd: list[str], out_dir: Path, timeout: float) -> int:
+    """Run Locust, logging its step lines as they come and keeping its full output in locust.log."""
+    log.info("locust: %s", shlex.join(cmd))
+    with open(out_dir / "locust.log", "w") as logfile:
+        proc = subprocess.Popen(cmd, cwd=servers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        watchdog = threading.Timer(timeout, proc.kill)  # a hung Locust must not hang the runner
+        watchdog.start()
+        try:
+            for line in proc.stdout:
+                logfile.write(line)
+                if "/INFO/shape:" in line or "ERROR" in line or "Traceback" in line:
+                    log.info("%s", line.rstrip().split(": ", 1)[-1])
+            code = proc.wait()
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if code < 0:
+        raise TimeoutError(f"Locust was stopped after {timeout:.0f}s (signal {-code}); see {out_dir / 'locust.log'}")
+    return code
+
+
+def measure(cfg: RunConfig, target: servers.Target, label: str, out_dir: Path, labels: str) -> dict:
+    """One stepped Locust run against ``target``: steps, headline and the /metrics difference."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    planned = step_schedule(cfg.steps)
+    budget = cfg.warmup + len(planned) * cfg.step_duration + 120
+    before = promscrape.scrape(target.url)
+    cmd = locust_command(cfg, target.url, out_dir, labels)
+    code = run_locust(cmd, out_dir, budget)
+    after = promscrape.scrape(target.url)
+    steps_file = out_dir / "steps.json"
+    if not steps_file.exists():
+        raise RuntimeError(f"Locust finished (exit {code}) without step results; see {out_dir / 'locust.log'}")
+    steps = json.loads(steps_file.read_text())["steps"]
+    return {
+        "label": label,
+        "url": target.url,
+        "started_by_runner": target.proc is not None,
+        "locust_command": shlex.join(cmd),
+        "locust_exit_code": code,
+        "steps": steps,
+        "headline": headline(steps, cfg.slo_p99_ms, cfg.max_error_rate),
+        "metrics": promscrape.summarize(before, after, cfg.batch_metric),
+        "files": {
+            "locust_csv": str(out_dir / "locust_stats.csv"),
+            "locust_history_csv": str(out_dir / "locust_stats_history.csv"),
+            "locust_html": str(out_dir / "locust_report.html"),
+            "steps": str(steps_file),
+        },
+    }
+
+
+def model_folder(tag: str) -> tuple[Path, str]:
+    """The stored model's folder and full tag, with a clear message when it is missing."""
+    import bentoml
+
+    try:
+        model = bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        raise SystemExit(
+            f"Model {tag!r} is not in the BentoML model store; train one first (`make train`, or "
+            "`python -m training --demo`) or pass --model with a tag from `bentoml models list`."
+        ) from None
+    return Path(model.path), str(model.tag)
+
+
+def benchmark(cfg: RunConfig, command: str) -> dict:
+    """Run the service (and with ``compare`` the baseline) through the stepped scenario; return the results."""
+    cfg = cfg.resolved()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = tag = None
+    if not cfg.host or cfg.compare:
+        folder, tag = model_folder(cfg.model)
+    labels = cfg.labels or (str(folder / "labels.json") if folder else "")
+    result = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": report.machine_info(),
+        "settings": {**asdict(cfg), "model": tag or cfg.model},
+        "targets": {},
+        "comparison": None,
+    }
+    env = {k: v for k, v in {"IMGCLS_VARIANT": cfg.variant, "IMGCLS_DEVICE": cfg.device}.items() if v}
+    if cfg.workers:
+        env["IMGCLS_WORKERS"] = str(cfg.workers)
+    service_label = f"service ({cfg.variant or 'default variant'})"
+    if cfg.host:
+        target = servers.Target("service", cfg.host.rstrip("/"))
+        servers.wait_ready(target, cfg.ready_timeout)
+    else:
+        target = servers.start_service(tag, out / "service", env, cfg.ready_timeout)
+    try:
+        result["targets"]["service"] = measure(cfg, target, service_label, out / "service", labels)
+    finally:
+        servers.stop(target)
+    if cfg.compare:
+        baseline = servers.start_baseline(folder, tag, out / "baseline", cfg.ready_timeout)
+        try:
+            result["targets"]["baseline"] = measure(cfg, baseline, "FastAPI baseline (fp32)", out / "baseline", labels)
+        finally:
+            servers.stop(baseline)
+        result["comparison"] = report.comparison(
+            result["targets"]["service"]["headline"], result["targets"]["baseline"]["headline"]
+        )
+    result["gate"] = report.gate(result, cfg.slo_p99_ms, cfg.max_error_rate, cfg.min_rps, cfg.min_ratio)
+    report.write(result, out)
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
+    """Command-line options to a RunConfig (defaults and meaning from the dataclass)."""
+    d = RunConfig()
+    p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default=d.host, help="URL of a running service; default: start `bentoml serve`")
+    p.add_argument("--model", default=d.model, help="model tag to serve and to load in the baseline")
+    p.add_argument("--variant", default=d.variant, choices=["", "fp32", "fp16", "int8"], help="IMGCLS_VARIANT")
+    p.add_argument("--device", default=d.device, choices=["", "auto", "cpu", "cuda"], help="IMGCLS_DEVICE")
+    p.add_argument("--workers", type=int, default=d.workers, help="IMGCLS_WORKERS (0: service default)")
+    p.add_argument("--scenario", default=None, choices=list(SCENARIOS),
+                   help="mix: image mix + batch + bad inputs (default); compare: 500x375 JPEGs on /classify "
+                   "(default with --compare)")  # fmt: skip
+    p.add_argument("--image-mix", default=d.image_mix, help="override the scenario's image mix")
+    p.add_argument("--users", nargs="+", default=[], dest="user_classes", help="override the Locust user classes")
+    p.add_argument("--bad-input-share", type=float, default=d.bad_input_share, help="override the scenario's share")
+    p.add_argument("--labels", default=d.labels, help="labels to validate against (default: the model's)")
+    p.add_argument("--steps", default=d.steps, help="users per step: '1,2,4,8' or '2..64x2'")
+    p.add_argument("--step-duration", type=float, default=d.step_duration, help="seconds per step")
+    p.add_argument("--step-settle", type=float, default=d.step_settle, help="unmeasured seconds at each step start")
+    p.add_argument("--warmup", type=float, default=d.warmup, help="warm-up seconds before the first step")
+    p.add_argument("--slo-p99-ms", type=float, default=d.slo_p99_ms, help="latency objective (p99, ms)")
+    p.add_argument("--max-error-rate", type=float, default=d.max_error_rate, help="error budget (0.001 = 0.1%%)")
+    p.add_argument("--min-rps", type=float, default=d.min_rps, help="gate: least req/s within the SLO")
+    p.add_argument("--break-steps", type=int, default=d.break_steps, help="stop after N steps over the SLO (0: never)")
+    p.add_argument("--processes", type=int, default=d.processes, help="Locust worker processes (-1: one per core)")
+    p.add_argument("--compare", action="store_true", help="also run the FastAPI baseline and report the ratio")
+    p.add_argument("--min-ratio", type=float, default=d.min_ratio, help="gate with --compare: least throughput ratio")
+    p.add_argument("--batch-metric", default=d.batch_metric, help="name part of the batch-size histogram")
+    p.add_argument("--out", default=d.out, help="output folder (default runs/loadtest/<timestamp>)")
+    p.add_argument("--ready-timeout", type=float, default=d.ready_timeout, help="seconds to wait for /readyz")
+    p.add_argument("--locust-arg", action="append", default=[], dest="locust_args",
+                   help="extra argument for Locust, repeatable (e.g. --locust-arg=--csv-full-history)")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.scenario is None:
+        args.scenario = "compare" if args.compare else d.scenario
+    return RunConfig(**vars(args)), (sys.argv[1:] if argv is None else argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the markdown summary, and return the gate's exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg, args = parse_args(argv)
+    try:
+        result = benchmark(cfg, shlex.join(["python", "-m", "loadtest.run", *args]))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.markdown(result))
+    print(f"Results: {result['files']['json']}  chart: {result['files']['chart']}")
+    if result["gate"]["passed"]:
+        print("SLO gate: passed")
+        return 0
+    print("SLO gate: FAILED - " + "; ".join(result["gate"]["reasons"]))
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

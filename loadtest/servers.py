@@ -1,0 +1,104 @@
+"""Start the targets of a load test as subprocesses on 127.0.0.1: the BentoML service and the FastAPI baseline."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]  # where bentofile.yaml and service/ live
+
+
+@dataclass
+class Target:
+    """A server under test: its base URL and, when the runner started it, its process and log file."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen | None = None
+    log_file: Path | None = None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(target: Target, timeout: float) -> None:
+    """Poll ``/readyz`` until it answers 200; raise with the server's output if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if target.proc is not None and target.proc.poll() is not None:
+            raise RuntimeError(f"{target.name} exited with code {target.proc.returncode}:\n{_tail(target)}")
+        try:
+            with urllib.request.urlopen(target.url + "/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"{target.name} at {target.url} was not ready within {timeout:.0f}s (GET /readyz). "
+        f"Check that it is running and the model loads.\n{_tail(target)}"
+    )
+
+
+def start_service(model: str, out_dir: Path, env_extra: dict[str, str], timeout: float = 300.0) -> Target:
+    """`bentoml serve .` from the project root with ``IMGCLS_MODEL=model``; returns once /readyz says ready."""
+    port = free_port()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "IMGCLS_MODEL": model, "IMGCLS_LOG_DIR": str(out_dir / "inference_log"), **env_extra}
+    cmd = [sys.executable, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)]
+    return _start("service", cmd, env, out_dir / "service.log", port, timeout)
+
+
+def start_baseline(model_dir: Path, tag: str, out_dir: Path, timeout: float = 120.0) -> Target:
+    """The FastAPI baseline under uvicorn, one process, reading the fp32 model from ``model_dir``."""
+    port = free_port()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "BASELINE_MODEL_DIR": str(model_dir), "BASELINE_MODEL_TAG": tag}
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "loadtest.baselines.fastapi_app:create_app",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    return _start("baseline", cmd, env, out_dir / "baseline.log", port, timeout)
+
+
+def _start(name: str, cmd: list[str], env: dict, log_file: Path, port: int, timeout: float) -> Target:
+    log.info("starting %s: %s", name, " ".join(cmd))
+    with open(log_file, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    target = Target(name, f"http://127.0.0.1:{port}", proc, log_file)
+    try:
+        wait_ready(target, timeout)
+    except BaseException:
+        stop(target)
+        raise
+    log.info("%s ready at %s", name, target.url)
+    return target
+
+
+def stop(target: Target) -> None:
+    """Stop a server the runner started: SIGTERM (lets it flush its logs), then SIGKILL after 30 s."""
+    if target.proc is None or target.proc.poll() is not None:
+        return
+    target.proc.terminate()
+    try:
+        target.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        target.proc.kill()
+        target.proc.wait()
+
+
+def _tail(target: Target, chars: int = 4000) -> str:
+    if target.log_file is None or not target.log_file.exists():
+        return ""
+    return target.log_file.read_text(errors="replace")[-chars:]
