@@ -1,0 +1,50 @@
+"""The service's own Prometheus metrics, next to BentoML's built-in ones on ``/metrics``.
+
+BentoML runs every worker (API workers and the model service) with one shared
+``PROMETHEUS_MULTIPROC_DIR`` and aggregates them on ``/metrics``. ``prometheus_client`` only writes
+there if it is first imported after BentoML has set that variable, so metrics are created lazily
+by :func:`get`, from inside a worker, never at module import time.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+PREFIX = "imgcls"
+# Seconds: preprocessing is ~1-30 ms, a model batch ~1 ms (GPU) to ~1 s (large CPU batch).
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@functools.cache
+def get() -> SimpleNamespace:
+    """This process's metric objects (created on first use)."""
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return SimpleNamespace(
+        predictions=Counter(f"{PREFIX}_predictions", "Classified images by predicted (top-1) label", ["label"]),
+        confidence=Histogram(
+            f"{PREFIX}_confidence", "Top-1 probability of classified images", buckets=CONFIDENCE_BUCKETS
+        ),
+        rejected=Counter(f"{PREFIX}_rejected", "Requests or images refused, by reason (the error code)", ["reason"]),
+        preprocess_seconds=Histogram(
+            f"{PREFIX}_preprocess_seconds", "Decode, resize and statistics of one image", buckets=DURATION_BUCKETS
+        ),
+        model_seconds=Histogram(
+            f"{PREFIX}_model_seconds", "onnxruntime time for one batch in the model service", buckets=DURATION_BUCKETS
+        ),
+        batch_size=Histogram(f"{PREFIX}_batch_size", "Images per model batch", buckets=BATCH_BUCKETS),
+        model_info=Gauge(
+            f"{PREFIX}_model_info",
+            "The model being served (value 1): tag, variant, onnxruntime provider",
+            ["model", "variant", "provider"],
+            multiprocess_mode="livemax",
+        ),
+    )
+
+
+def reject(reason: str) -> None:
+    """Count one refused request or image."""
+    get().rejected.labels(reason=reason).inc()
