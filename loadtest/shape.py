@@ -2,7 +2,8 @@
 
 Active in step mode, when ``--steps`` is given (``"2,4,8,16"`` or ``"2..64x2"``). Without it the shape is a
 plain constant load from ``-u``/``-r``/``-t`` (also what the web UI's user-count fields set), so
-``locust -f loadtest`` behaves as usual. Options come from ``loadtest/locustfile.py``.
+``locust -f loadtest`` behaves as usual. Options come from ``loadtest/locustfile.py``; the step logic itself
+is :class:`loadtest.stepstats.StepPlan`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from locust import LoadTestShape
 
-from loadtest.stepstats import Snapshot, StepResult, meets_slo, step_result, step_schedule
+from loadtest.stepstats import Snapshot, StepPlan, StepResult, step_schedule
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,19 @@ def _opt(options, name: str, default):
     return default if value is None or value == "" else value
 
 
+def plan_from_options(opts) -> StepPlan:
+    """A StepPlan from Locust's parsed options (custom ones from loadtest/locustfile.py)."""
+    return StepPlan(
+        users=step_schedule(_opt(opts, "steps", "")),
+        warmup=float(_opt(opts, "warmup", 10.0)),
+        duration=float(_opt(opts, "step_duration", 60.0)),
+        settle=float(_opt(opts, "step_settle", 5.0)),
+        slo_p99_ms=float(_opt(opts, "slo_p99_ms", 200.0)),
+        max_error_rate=float(_opt(opts, "max_error_rate", 0.001)),
+        break_steps=int(_opt(opts, "break_steps", 1)),
+    )
+
+
 class StepLoadShape(LoadTestShape):
     """Warm-up, then steps of ``--step-duration`` seconds; the first ``--step-settle`` seconds are not measured."""
 
@@ -32,88 +46,27 @@ class StepLoadShape(LoadTestShape):
 
     def __init__(self):
         super().__init__()
-        self._reset_plan()
-
-    def _reset_plan(self) -> None:
-        self.results: list[StepResult] = []
-        self._planned: list[int] | None = None
-        self._current = -1
-        self._window_start: Snapshot | None = None
-        self._breaks = 0
-        self._done = False
-        self._warm = False
+        self.plan: StepPlan | None = None
 
     def reset_time(self) -> None:
-        """Called by Locust when a run starts; also forget any previous run's steps (web UI restarts)."""
+        """Called by Locust when a run starts; a new run (e.g. restarted from the web UI) gets a new plan."""
         super().reset_time()
-        self._reset_plan()
+        self.plan = None
 
-    # -- Locust hook --------------------------------------------------------------------------------------------
     def tick(self):
         opts = self.runner.environment.parsed_options if self.runner else None
-        spec = _opt(opts, "steps", "")
-        if not spec:
+        if not _opt(opts, "steps", ""):
             run_time = _opt(opts, "run_time", 0)
             if run_time and self.get_run_time() >= run_time:
                 return None
             return int(_opt(opts, "num_users", 1)), float(_opt(opts, "spawn_rate", 1))
-        if self._planned is None:
-            self._planned = step_schedule(spec)
-            log.info("step plan: %s users, %ss each", self._planned, _opt(opts, "step_duration", 60))
-        return self._step_tick(opts)
-
-    # -- step mode ----------------------------------------------------------------------------------------------
-    def _step_tick(self, opts):
-        if self._done:
-            return None
-        warmup = float(_opt(opts, "warmup", 10))
-        duration = float(_opt(opts, "step_duration", 60))
-        settle = min(float(_opt(opts, "step_settle", 5)), duration / 2)
-        t = self.get_run_time()
-        first = self._planned[0]
-        if t < warmup:
-            return first, float(first)
-        if not self._warm:
-            self._warm = True
-            self.runner.stats.reset_all()  # the CSV/HTML reports then cover the measured steps only
-            log.info("warm-up done after %.0fs", t)
-        index = int((t - warmup) // duration)
-        in_step = (t - warmup) - index * duration
-        if index != self._current:
-            if self._current >= 0 and self._window_start is not None:
-                if self._finish_step(opts):
-                    self._done = True
-                    return None
-            self._current = index
-            self._window_start = None
-        if index >= len(self._planned):
-            self._done = True
-            return None
-        users = self._planned[index]
-        if self._window_start is None and in_step >= settle:
-            self._window_start = self.snapshot()
-        return users, float(users)
-
-    def _finish_step(self, opts) -> bool:
-        """Record the step that just ended; True when the run should stop because the SLO broke."""
-        result = step_result(self._planned[self._current], self._window_start, self.snapshot())
-        self.results.append(result)
-        slo, max_err = float(_opt(opts, "slo_p99_ms", 200.0)), float(_opt(opts, "max_error_rate", 0.001))
-        ok = meets_slo(result, slo, max_err)
-        log.info(
-            "step %d: %d users, %.1f req/s, p50 %s ms, p99 %s ms, errors %.3f%% -> %s",
-            self._current + 1,
-            result.users,
-            result.rps,
-            result.p50_ms,
-            result.p99_ms,
-            100 * result.error_rate,
-            "within SLO" if ok else "SLO broken",
+        if self.plan is None:
+            self.plan = plan_from_options(opts)
+            log.info("step plan: %s users, %gs each", self.plan.users, self.plan.duration)
+        users = self.plan.tick(
+            self.get_run_time(), self.snapshot, self._reset, lambda i, r, ok: self._on_step(opts, i, r, ok)
         )
-        self._write(opts)
-        self._breaks = 0 if ok else self._breaks + 1
-        stop_after = int(_opt(opts, "break_steps", 1))
-        return stop_after > 0 and self._breaks >= stop_after
+        return None if users is None else (users, float(users))
 
     def snapshot(self) -> Snapshot:
         """The aggregated counters now (on a distributed master: as last reported by the workers)."""
@@ -122,12 +75,22 @@ class StepLoadShape(LoadTestShape):
         per_name = {f"{e.method} {e.name}": (e.num_requests, e.num_failures) for e in stats.entries.values()}
         return Snapshot(time.monotonic(), total.num_requests, total.num_failures, dict(total.response_times), per_name)
 
-    def _write(self, opts) -> None:
+    def _reset(self) -> None:
+        self.runner.stats.reset_all()  # Locust's CSV/HTML reports then cover the measured steps only
+        log.info("warm-up done after %.0fs", self.get_run_time())
+
+    def _on_step(self, opts, index: int, result: StepResult, ok: bool) -> None:
+        log.info(
+            "step %d: %d users, %.1f req/s, p50 %s ms, p99 %s ms, errors %.3f%% -> %s",
+            index + 1, result.users, result.rps, result.p50_ms, result.p99_ms, 100 * result.error_rate,
+            "within SLO" if ok else "SLO broken",
+        )  # fmt: skip
         path = _opt(opts, "steps_out", "")
-        if not path:
-            return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"planned": self._planned, "steps": [r.to_dict() for r in self.results]}, indent=2))
-        os.replace(tmp, path)
+        if path:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(
+                json.dumps({"planned": self.plan.users, "steps": [r.to_dict() for r in self.plan.results]}, indent=2)
+            )
+            os.replace(tmp, path)

@@ -136,3 +136,59 @@ def step_schedule(spec: str) -> list[int]:
     if not steps or min(steps) < 1:
         raise ValueError(f"Step spec {spec!r} needs at least one user count >= 1.")
     return steps
+
+
+@dataclass
+class StepPlan:
+    """The step-mode state machine, driven by the load shape once a second with the run time in seconds.
+
+    Warm-up at the first step's users (then ``reset`` is called, so Locust's own reports leave it out), then
+    each step for ``duration`` seconds, measured after ``settle`` seconds. After each step ``on_step`` gets its
+    result; the plan ends after the last step or after ``break_steps`` consecutive steps over the SLO.
+    """
+
+    users: list[int]
+    warmup: float = 10.0
+    duration: float = 60.0
+    settle: float = 5.0
+    slo_p99_ms: float = 200.0
+    max_error_rate: float = 0.001
+    break_steps: int = 1  # 0: never stop early
+    results: list[StepResult] = field(default_factory=list)
+    _current: int = -1
+    _window_start: Snapshot | None = None
+    _breaks: int = 0
+    _warm: bool = False
+    _done: bool = False
+
+    def tick(self, t: float, snapshot, reset, on_step=None) -> int | None:
+        """Users wanted at run time ``t``, or None when the plan is over."""
+        if self._done:
+            return None
+        if t < self.warmup:
+            return self.users[0]
+        if not self._warm:
+            self._warm = True
+            reset()
+        settle = min(self.settle, self.duration / 2)
+        index = int((t - self.warmup) // self.duration)
+        if index != self._current:
+            if self._current >= 0 and self._window_start is not None and self._finish(snapshot(), on_step):
+                self._done = True
+                return None
+            self._current, self._window_start = index, None
+        if index >= len(self.users):
+            self._done = True
+            return None
+        if self._window_start is None and (t - self.warmup) - index * self.duration >= settle:
+            self._window_start = snapshot()
+        return self.users[index]
+
+    def _finish(self, end: Snapshot, on_step) -> bool:
+        result = step_result(self.users[self._current], self._window_start, end)
+        self.results.append(result)
+        ok = meets_slo(result, self.slo_p99_ms, self.max_error_rate)
+        if on_step is not None:
+            on_step(self._current, result, ok)
+        self._breaks = 0 if ok else self._breaks + 1
+        return self.break_steps > 0 and self._breaks >= self.break_steps

@@ -1,0 +1,68 @@
+"""Smoke runs of `python -m loadtest.run` against the real service and the FastAPI baseline (short, few users)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+SHORT = ["--step-duration", "5", "--step-settle", "1", "--warmup", "2"]
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "loadtest.run", *args], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+
+
+def test_runner_starts_service_and_baseline_measures_both_and_passes_a_lax_gate(tiny_model, tmp_path):
+    out = tmp_path / "bench"
+    proc = run_bench(
+        "--model", tiny_model, "--device", "cpu", "--compare", "--scenario", "mix", "--steps", "1,2", *SHORT,
+        "--image-mix", "web_jpeg=4,phone_jpeg=1,png=1,webp=1", "--bad-input-share", "0.05",
+        "--slo-p99-ms", "10000", "--out", str(out),
+        "--locust-arg=--equal-weights", "--locust-arg=--image-pool=2",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "SLO gate: passed" in proc.stdout
+    assert "| **service / baseline** |" in proc.stdout  # the ready-to-paste comparison table
+
+    for name in ("results.json", "results.md", "latency_vs_throughput.png"):
+        assert (out / name).stat().st_size > 0, name
+    for target in ("service", "baseline"):
+        for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_report.html", "steps.json"):
+            assert (out / target / name).stat().st_size > 0, f"{target}/{name}"
+
+    result = json.loads((out / "results.json").read_text())
+    assert result["gate"] == {"passed": True, "reasons": []}
+    assert result["comparison"]["throughput_ratio"] > 0
+    for target in ("service", "baseline"):
+        steps = result["targets"][target]["steps"]
+        assert [s["users"] for s in steps] == [1, 2]
+        assert all(s["requests"] > 0 and s["p99_ms"] is not None for s in steps)
+        # Every answer validated: good images classified correctly, bad inputs refused with a 4xx.
+        assert sum(s["failures"] for s in steps) == 0, json.dumps(steps, indent=1)
+        names = {n for s in steps for n in s["per_name"]}
+        assert "POST /classify [bad input]" in names and "POST /classify_batch [4 images]" in names, names
+    metrics = result["targets"]["service"]["metrics"]
+    assert metrics["available"] and metrics["mean_batch_size"] >= 1
+    assert metrics["rejected_total"] > 0  # the bad inputs, counted by the service itself
+
+
+def test_runner_exits_non_zero_when_the_gate_cannot_be_met(server, tmp_path):
+    out = tmp_path / "bench"
+    proc = run_bench(
+        "--host", server.url, "--scenario", "compare", "--steps", "2", *SHORT, "--slo-p99-ms", "10000",
+        "--max-error-rate", "1", "--min-rps", "1e9", "--out", str(out),  # only the throughput floor can fail
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SLO gate: FAILED" in proc.stdout and "below --min-rps" in proc.stdout
+    result = json.loads((out / "results.json").read_text())
+    assert result["gate"]["passed"] is False
+    assert result["targets"]["service"]["headline"]["requests"] > 0  # measured, just not fast enough
