@@ -71,4 +71,6 @@ def summarize(before: Samples | None, after: Samples | None, batch_metric: str =
             rejected[reason] += value - before.get((name, labels), 0.0)
     out["rejected_inputs"] = {k: int(v) for k, v in sorted(rejected.items()) if v > 0}
     out["rejected_total"] = int(sum(rejected.values()))
+    info = [dict(labels) for (name, labels), value in after.items() if name.endswith("_model_info") and value > 0]
+    out["model_info"] = info[0] if info else None  # e.g. {"model": tag, "variant": "int8", "provider": ...}
     return out

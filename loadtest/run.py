@@ -181,23 +181,26 @@ def benchmark(cfg: RunConfig, command: str) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "machine": report.machine_info(),
-        "settings": {**asdict(cfg), "model": tag or cfg.model},
+        "settings": {**asdict(cfg), "model": tag or f"{cfg.model} (as served at --host)"},
         "targets": {},
         "comparison": None,
     }
     env = {k: v for k, v in {"IMGCLS_VARIANT": cfg.variant, "IMGCLS_DEVICE": cfg.device}.items() if v}
     if cfg.workers:
         env["IMGCLS_WORKERS"] = str(cfg.workers)
-    service_label = f"service ({cfg.variant or 'default variant'})"
     if cfg.host:
         target = servers.Target("service", cfg.host.rstrip("/"))
         servers.wait_ready(target, cfg.ready_timeout)
     else:
         target = servers.start_service(tag, out / "service", env, cfg.ready_timeout)
     try:
-        result["targets"]["service"] = measure(cfg, target, service_label, out / "service", labels)
+        result["targets"]["service"] = measure(cfg, target, "service", out / "service", labels)
     finally:
         servers.stop(target)
+    info = result["targets"]["service"]["metrics"].get("model_info") or {}
+    if info:  # what the service says it ran, from its model-info gauge
+        result["targets"]["service"]["label"] = f"service ({info.get('variant')}, {info.get('provider')})"
+        result["settings"]["model"] = info.get("model", result["settings"]["model"])
     if cfg.compare:
         baseline = servers.start_baseline(folder, tag, out / "baseline", cfg.ready_timeout)
         try:

@@ -206,6 +206,8 @@ imgcls_batch_size_sum 42
 # TYPE imgcls_rejected counter
 imgcls_rejected_total{reason="empty_image"} 4
 imgcls_rejected_total{reason="undecodable_image"} 2
+# TYPE imgcls_model_info gauge
+imgcls_model_info{model="m:1",variant="int8",provider="CPUExecutionProvider"} 1
 """
 
 
@@ -215,6 +217,7 @@ def test_metrics_summary_reports_mean_batch_size_and_rejections_during_the_test(
     assert summary["batches"] == 10 and summary["mean_batch_size"] == 4.0
     assert summary["rejected_inputs"] == {"empty_image": 3, "undecodable_image": 2}
     assert summary["rejected_total"] == 5
+    assert summary["model_info"] == {"model": "m:1", "variant": "int8", "provider": "CPUExecutionProvider"}
     assert promscrape.summarize(None, None) == {"available": False}
 
 

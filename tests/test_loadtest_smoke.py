@@ -53,6 +53,7 @@ def test_runner_starts_service_and_baseline_measures_both_and_passes_a_lax_gate(
     metrics = result["targets"]["service"]["metrics"]
     assert metrics["available"] and metrics["mean_batch_size"] >= 1
     assert metrics["rejected_total"] > 0  # the bad inputs, counted by the service itself
+    assert metrics["model_info"]["variant"] == "int8"  # the CPU default, as the service reports it
 
 
 def test_runner_exits_non_zero_when_the_gate_cannot_be_met(server, tmp_path):
