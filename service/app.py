@@ -106,6 +106,7 @@ class ClassifyBatchResult(BaseModel):
     workers=1,
     threads=1,  # one batch at a time; onnxruntime itself uses every core (IMGCLS_ORT_THREADS)
     traffic={"timeout": settings.timeout_s + 5},
+    logging={"access": {"enabled": False}},  # one line per internal batch call is noise
     resources={"gpu": 1} if settings.device != "cpu" and runtime.gpu_present() else None,
 )
 class ImageModel:
@@ -152,8 +153,9 @@ class ModelCallError(Exception):
 
 @bentoml.service(
     name="image_classifier",
-    workers=settings.api_workers,
+    workers=settings.workers or "cpu_count",  # one preprocessing worker per core unless IMGCLS_WORKERS
     traffic={"timeout": settings.timeout_s + 10},  # RequestGuard answers 504 first, in our error format
+    logging={"access": {"enabled": settings.access_log}},
 )
 class Classifier:
     """HTTP API: upload photos, get labels. Preprocessing runs here, in every worker."""

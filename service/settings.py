@@ -40,6 +40,7 @@ class Settings:
     max_concurrency: int = 64  # in-flight requests per API worker before answering 503 + Retry-After
     timeout_s: float = 30.0  # per request, answered with 504
     retry_after_s: int = 1
+    access_log: bool = True  # BentoML's per-request log line in the API workers
     warmup_runs: int = 2
 
     @classmethod
@@ -79,11 +80,6 @@ class Settings:
         for name in ("max_body_bytes", "max_pixels", "max_files", "max_latency_ms", "max_concurrency"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"IMGCLS_{name.upper()} must be positive.")
-
-    @property
-    def api_workers(self) -> int:
-        """Preprocessing processes: explicit, else one per core."""
-        return self.workers or _cpu_count()
 
     @property
     def intra_op_threads(self) -> int:

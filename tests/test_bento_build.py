@@ -1,0 +1,46 @@
+"""`bentoml build` packs the service with the model, and the built Bento serves /classify."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from service.inference_log import log_files, parse_line
+from tests.conftest import ROOT, start_server, stop_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def test_built_bento_serves_classify_and_flushes_its_log_on_shutdown(tiny_model, bentoml_home, tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "-o", "tag"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    tag = next(line.split("__tag__:", 1)[1] for line in build.stdout.splitlines() if "__tag__:" in line).strip()
+    name, version = tag.split(":")
+    bento_dir = bentoml_home / "bentos" / name / version
+
+    info = yaml.safe_load((bento_dir / "bento.yaml").read_text())
+    packed = {m["tag"] for svc in info["services"] for m in svc["models"]}
+    assert packed == {tiny_model}, "the Bento must reference exactly the model it serves"
+    requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
+    assert "onnxruntime-gpu" in requirements and "\ntorch==" not in requirements
+
+    srv = start_server(tag, {"IMGCLS_DEVICE": "cpu"}, tmp_path)
+    try:
+        buf = io.BytesIO()
+        Image.new("RGB", (320, 240), (200, 120, 40)).save(buf, "JPEG")
+        files = {"image": ("a.jpg", buf.getvalue(), "image/jpeg")}
+        resp = requests.post(srv.url + "/classify", files=files, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["model"] == tiny_model
+    finally:
+        stop_server(srv.proc)  # graceful: the service's shutdown hook flushes the inference log
+    logged = [parse_line(line) for path in log_files(srv.log_dir) for line in path.read_bytes().splitlines()]
+    assert resp.json()["request_id"] in {r["request_id"] for r in logged if r}

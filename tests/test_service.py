@@ -1,0 +1,279 @@
+"""The service through a real `bentoml serve` subprocess and real HTTP (one server for the whole module)."""
+
+from __future__ import annotations
+
+import functools
+import io
+import shutil
+import struct
+import subprocess
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.inference_log import REQUIRED_FIELDS, log_files, parse_line
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def photo(w: int = 500, h: int = 375, mode: str = "RGB") -> Image.Image:
+    """A smooth gradient with a bright square, so every mode conversion has something to keep."""
+    x, y = np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h))
+    rgb = np.stack([x, y, 255 - x], axis=-1).astype(np.uint8)
+    rgb[h // 4 : h // 2, w // 4 : w // 2] = 250
+    return Image.fromarray(rgb).convert(mode)
+
+
+def exif_rotated_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    return encode(photo(400, 100), "JPEG", exif=exif.tobytes())
+
+
+def png_bomb(width: int = 40000, height: int = 40000) -> bytes:
+    """A PNG whose header claims width x height pixels; the pixel data is a token (never decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@functools.cache
+def unusual_images() -> dict[str, tuple[bytes, str]]:
+    """Valid but unusual uploads, with the content type a client might (wrongly) send."""
+    rgba = photo(64, 48, "RGBA")
+    rgba.putalpha(128)
+    palette = photo(64, 48).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette.info["transparency"] = 0
+    gray16 = Image.fromarray((np.linspace(0, 65535, 64 * 48).reshape(48, 64)).astype(np.uint16))
+    assert gray16.mode.startswith("I;16")
+    frames = [photo(64, 48), photo(64, 48, "L").convert("RGB")]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    return {
+        "cmyk_jpeg": (encode(photo(mode="CMYK"), "JPEG"), "image/jpeg"),
+        "grayscale_png": (encode(photo(mode="L"), "PNG"), "image/png"),
+        "gray16_png": (encode(gray16, "PNG"), "image/png"),
+        "la_png": (encode(photo(64, 48, "LA"), "PNG"), "image/png"),
+        "palette_transparency_png": (encode(palette, "PNG"), "image/png"),
+        "rgba_png": (encode(rgba, "PNG"), "image/png"),
+        "one_pixel": (encode(photo(1, 1), "PNG"), "image/png"),
+        "wide_4000x3": (encode(photo(4000, 3), "PNG"), "image/png"),
+        "tall_3x4000": (encode(photo(3, 4000), "JPEG"), "image/jpeg"),
+        "exif_rotated_jpeg": (exif_rotated_jpeg(), "image/jpeg"),
+        "progressive_jpeg": (encode(photo(), "JPEG", progressive=True, quality=85), "image/jpeg"),
+        "jpeg_as_png": (encode(photo(), "JPEG"), "image/png"),
+        "jpeg_as_octet_stream": (encode(photo(), "JPEG"), "application/octet-stream"),
+        "webp": (encode(photo(), "WEBP"), "image/webp"),
+        "bmp": (encode(photo(120, 80), "BMP"), "image/bmp"),
+        "animated_gif": (gif.getvalue(), "image/gif"),
+        "tiff": (encode(photo(120, 80), "TIFF"), "image/tiff"),
+    }
+
+
+@pytest.fixture(scope="module")
+def jpeg() -> bytes:
+    return encode(photo(), "JPEG", quality=90)
+
+
+def classify(server, data: bytes, content_type: str = "image/jpeg", **fields) -> requests.Response:
+    files = {"image": ("photo.jpg", data, content_type)}
+    return requests.post(server.url + "/classify", files=files, data=fields, timeout=60)
+
+
+def metric_values(server) -> dict[tuple[str, tuple], float]:
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def total(values: dict, name: str, **labels) -> float:
+    return sum(v for (n, lbls), v in values.items() if n == name and all((k, v2) in lbls for k, v2 in labels.items()))
+
+
+def assert_error(resp: requests.Response, status: int, code: str) -> None:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["error"] == code, body
+    assert isinstance(body["detail"], str) and len(body["detail"]) > 10
+
+
+def test_classify_jpeg_returns_label_scores_model_and_request_id(server, tiny_model, jpeg):
+    resp = classify(server, jpeg)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert set(body) == {"label", "score", "top_k", "model", "request_id"}
+    assert body["model"] == tiny_model
+    assert len(body["top_k"]) == 5 and body["top_k"][0] == {"label": body["label"], "score": body["score"]}
+    scores = [p["score"] for p in body["top_k"]]
+    assert scores == sorted(scores, reverse=True) and 0 < body["score"] <= 1
+    assert classify(server, jpeg, top_k="2").json()["top_k"][:1] == body["top_k"][:1]
+    assert len(classify(server, jpeg, top_k="2").json()["top_k"]) == 2
+
+
+def test_curl_upload_just_works(server, jpeg, tmp_path):
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    path = tmp_path / "bird.jpg"
+    path.write_bytes(jpeg)
+    out = subprocess.run(["curl", "-sf", "-F", f"image=@{path}", server.url + "/classify"], capture_output=True)
+    assert out.returncode == 0 and b'"label"' in out.stdout
+
+
+def test_raw_image_body_is_accepted(server, jpeg):
+    resp = requests.post(server.url + "/classify?top_k=1", data=jpeg, headers={"Content-Type": "image/jpeg"})
+    assert resp.status_code == 200 and len(resp.json()["top_k"]) == 1
+
+
+@pytest.mark.parametrize("name", sorted(unusual_images()))
+def test_unusual_valid_images_are_classified(server, name):
+    data, content_type = unusual_images()[name]
+    resp = classify(server, data, content_type)
+    assert resp.status_code == 200, f"{name}: {resp.text}"
+    assert resp.json()["label"]
+
+
+def test_exif_orientation_is_applied(server):
+    """A photo stored sideways with an EXIF rotation classifies like the upright one."""
+    upright = photo(400, 100).rotate(-90, expand=True)  # what a viewer shows for orientation 6
+    a = classify(server, exif_rotated_jpeg()).json()["top_k"]
+    b = classify(server, encode(upright, "JPEG")).json()["top_k"]
+    assert [p["label"] for p in a] == [p["label"] for p in b]
+    assert all(abs(x["score"] - y["score"]) < 0.05 for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code"),
+    [
+        (b"", 400, "empty_image"),
+        (b"this is not an image at all", 400, "undecodable_image"),
+        (encode(photo(), "JPEG")[:3000], 400, "undecodable_image"),  # truncated
+        (encode(photo(64, 48), "PPM"), 415, "unsupported_format"),
+        (png_bomb(), 413, "too_many_pixels"),
+    ],
+    ids=["empty", "garbage", "truncated_jpeg", "ppm_unsupported", "png_bomb_40000x40000"],
+)
+def test_bad_uploads_get_4xx_json(server, data, status, code):
+    assert_error(classify(server, data), status, code)
+
+
+def test_body_over_10_mib_is_refused_with_413(server):
+    big = b"\xff\xd8" + b"\0" * (10 * 1024 * 1024 + 10)
+    assert_error(classify(server, big), 413, "body_too_large")
+
+
+def test_request_errors_get_400_json(server, jpeg):
+    assert_error(requests.post(server.url + "/classify", files={"photo": ("a.jpg", jpeg)}), 400, "missing_field")
+    assert_error(requests.post(server.url + "/classify", data={"top_k": "3"}), 400, "not_multipart")
+    assert_error(classify(server, jpeg, top_k="zero"), 400, "invalid_top_k")
+    garbage = requests.post(
+        server.url + "/classify", data=b"--x\r\ngarbage", headers={"Content-Type": "multipart/form-data; boundary=x"}
+    )
+    assert garbage.status_code == 400 and garbage.json()["error"] in ("invalid_multipart", "missing_field")
+    url_instead_of_file = requests.post(server.url + "/classify", json={"image": "http://example.com/a.jpg"})
+    assert_error(url_instead_of_file, 400, "not_multipart")
+
+
+def test_batch_endpoint_returns_results_in_order(server, tiny_model, jpeg):
+    single = classify(server, jpeg).json()
+    files = [
+        ("images", ("a.jpg", jpeg, "image/jpeg")),
+        ("images", ("b.txt", b"not an image", "text/plain")),
+        ("images", ("c.png", unusual_images()["rgba_png"][0], "image/png")),
+    ]
+    resp = requests.post(server.url + "/classify_batch", files=files, data={"top_k": "3"}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model"] == tiny_model and len(body["results"]) == 3
+    first, second, third = body["results"]
+    assert first["label"] == single["label"] and len(first["top_k"]) == 3
+    assert second["error"] == "undecodable_image" and "Image 2" in second["detail"]
+    assert third["label"]
+
+
+def test_batch_endpoint_limits_the_number_of_files(server, jpeg):
+    files = [("images", (f"{i}.jpg", jpeg, "image/jpeg")) for i in range(65)]
+    assert_error(requests.post(server.url + "/classify_batch", files=files, timeout=60), 413, "too_many_files")
+    assert_error(requests.post(server.url + "/classify_batch", files={"image": ("a.jpg", jpeg)}), 400, "missing_field")
+
+
+def test_sync_http_client_works(server, tiny_model, jpeg, tmp_path):
+    import bentoml
+
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(jpeg)
+    with bentoml.SyncHTTPClient(server.url) as client:
+        result = client.classify(image=path, top_k=2)
+        batch = client.classify_batch(images=[path, path])
+    assert result["model"] == tiny_model and len(result["top_k"]) == 2
+    assert [r["label"] for r in batch["results"]] == [result["label"]] * 2
+
+
+def test_probes_and_openapi_page(server):
+    assert requests.get(server.url + "/livez", timeout=10).status_code == 200
+    assert requests.get(server.url + "/readyz", timeout=10).status_code == 200
+    spec = requests.get(server.url + "/docs.json", timeout=10).json()
+    assert "/classify" in spec["paths"] and "/classify_batch" in spec["paths"]
+    docs = requests.get(server.url + "/docs", timeout=10)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_metrics_move_and_pass_promtool(server, jpeg):
+    before = metric_values(server)
+    label = classify(server, jpeg).json()["label"]
+    classify(server, b"")
+    after = metric_values(server)
+    counts = {
+        ("imgcls_predictions_total", ("label", label)),
+        ("imgcls_confidence_count", None),
+        ("imgcls_rejected_total", ("reason", "empty_image")),
+        ("imgcls_preprocess_seconds_count", None),
+        ("imgcls_model_seconds_count", None),
+        ("imgcls_batch_size_count", None),
+    }
+    grew = {}
+    for name, label_pair in counts:
+        labels = dict([label_pair]) if label_pair else {}
+        grew[name] = total(after, name, **labels) > total(before, name, **labels)
+    assert all(grew.values()), grew
+    info = [lbls for (n, lbls), v in after.items() if n == "imgcls_model_info" and v == 1]
+    assert info and ("provider", "CPUExecutionProvider") in info[0] and ("variant", "int8") in info[0]
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: run `make system-deps` (Debian package prometheus)"
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_every_classified_image_is_logged_within_seconds(server, tiny_model, jpeg):
+    ids = [classify(server, jpeg).json()["request_id"] for _ in range(3)]
+    deadline, found = time.monotonic() + 10, {}
+    while time.monotonic() < deadline and len(found) < 3:
+        time.sleep(0.5)
+        for path in log_files(server.log_dir):
+            for line in Path(path).read_bytes().splitlines():
+                record = parse_line(line)
+                assert record is not None, f"unparseable line in {path}: {line[:200]!r}"
+                if record["request_id"] in ids:
+                    found[record["request_id"]] = record
+    assert set(found) == set(ids)
+    record = found[ids[0]]
+    assert all(k in record for k in REQUIRED_FIELDS) and record["model"] == tiny_model
+    assert len(record["embedding"]) > 0 and record["width"] == 500.0 and record["height"] == 375.0

@@ -1,0 +1,161 @@
+"""Fast, in-process checks of the service's parts: the request guard, the hop's wire format, settings, model loading."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service import runtime, wire
+from service.errors import RequestGuard
+from service.settings import Settings, SettingsError
+
+
+def _app(delay: float = 0.0, status: int = 200, body: object = None) -> Starlette:
+    async def handler(request):
+        await request.body()
+        await asyncio.sleep(delay)
+        return JSONResponse(body if body is not None else {"ok": True}, status_code=status)
+
+    return Starlette(routes=[Route("/classify", handler, methods=["POST"]), Route("/other", handler, methods=["POST"])])
+
+
+def _guarded(app, **kw) -> httpx.AsyncClient:
+    opts = dict(paths=["/classify"], max_body_bytes=1000, max_concurrency=4, timeout_s=5.0, retry_after_s=2) | kw
+    transport = httpx.ASGITransport(app=RequestGuard(app, **opts))
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_body_over_the_limit_is_refused_from_content_length():
+    async def go():
+        async with _guarded(_app()) as client:
+            return await client.post("/classify", content=b"x" * 1001)
+
+    resp = run(go())
+    assert resp.status_code == 413
+    assert resp.json()["error"] == "body_too_large"
+    assert "IMGCLS_MAX_BODY_BYTES" in resp.json()["detail"]
+
+
+def test_chunked_body_over_the_limit_is_refused_and_a_small_one_passes():
+    async def chunks(n):
+        for _ in range(n):
+            yield b"x" * 300
+
+    async def go():
+        async with _guarded(_app()) as client:
+            return await client.post("/classify", content=chunks(4)), await client.post("/classify", content=chunks(2))
+
+    big, small = run(go())
+    assert big.status_code == 413 and big.json()["error"] == "body_too_large"
+    assert small.status_code == 200
+
+
+def test_too_many_requests_in_flight_get_503_with_retry_after():
+    async def go():
+        async with _guarded(_app(delay=0.3), max_concurrency=2) as client:
+            return await asyncio.gather(*(client.post("/classify", content=b"x") for _ in range(5)))
+
+    responses = run(go())
+    assert sorted(r.status_code for r in responses) == [200, 200, 503, 503, 503]
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] == "2"
+    assert refused.json()["error"] == "overloaded"
+
+
+def test_slow_request_gets_504_in_our_shape():
+    async def go():
+        async with _guarded(_app(delay=2.0), timeout_s=0.2) as client:
+            return await client.post("/classify", content=b"x")
+
+    resp = run(go())
+    assert resp.status_code == 504
+    assert resp.json()["error"] == "timeout" and "IMGCLS_TIMEOUT_S" in resp.json()["detail"]
+
+
+def test_foreign_error_bodies_are_rewritten_ours_pass_unchanged():
+    validation = {"error": "1 validation error", "detail": [{"type": "missing", "loc": ["image"], "msg": "required"}]}
+
+    async def go():
+        async with _guarded(_app(status=400, body=validation)) as client:
+            foreign = await client.post("/classify", content=b"x")
+        async with _guarded(_app(status=400, body={"error": "empty_image", "detail": "d"})) as client:
+            ours = await client.post("/classify", content=b"x")
+        async with _guarded(_app(status=500, body={"error": "An unexpected error"})) as client:
+            crash = await client.post("/classify", content=b"x")
+        async with _guarded(_app(status=400, body=validation)) as client:
+            unguarded = await client.post("/other", content=b"x")
+        return foreign, ours, crash, unguarded
+
+    foreign, ours, crash, unguarded = run(go())
+    assert foreign.status_code == 400
+    assert foreign.json()["error"] == "missing_field" and "`image`" in foreign.json()["detail"]
+    assert ours.json() == {"error": "empty_image", "detail": "d"}
+    assert crash.status_code == 500 and crash.json()["error"] == "internal_error"
+    assert unguarded.json() == validation  # other routes are left alone
+
+
+def test_wire_round_trip_is_exact_and_never_unpickles():
+    batch = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    data = wire.to_npy(batch)
+    assert len(data) < batch.nbytes + 200  # raw bytes plus a small header, not JSON numbers
+    back = wire.from_npy(data)
+    assert back.dtype == np.uint8 and np.array_equal(back, batch)
+    with pytest.raises(wire.WireError):
+        wire.to_npy(np.array([{"a": 1}], dtype=object))
+    object_header = wire.to_npy(np.zeros(2, dtype=np.int64)).replace(b"'<i8'", b"'|O' ", 1)
+    with pytest.raises(wire.WireError):  # an object array would need pickle to load
+        wire.from_npy(object_header)
+    with pytest.raises(wire.WireError):
+        wire.from_npy(data[:-1])  # truncated body
+
+
+def test_settings_from_env_and_clear_refusals():
+    s = Settings.from_env({"IMGCLS_MAX_PIXELS": "50e6", "IMGCLS_DEVICE": "cpu", "IMGCLS_ORT_SPIN": "yes"})
+    assert s.max_pixels == 50_000_000 and s.device == "cpu" and s.ort_spin is True
+    assert Settings.from_env({}).model == "image-classifier:latest"
+    with pytest.raises(SettingsError, match="IMGCLS_DEVICE"):
+        Settings.from_env({"IMGCLS_DEVICE": "tpu"})
+    with pytest.raises(SettingsError, match="IMGCLS_MAX_FILES"):
+        Settings.from_env({"IMGCLS_MAX_FILES": "many"})
+
+
+def test_variant_choice_follows_device_and_respects_the_override():
+    all_three = {"fp32": "a", "fp16": "b", "int8": "c"}
+    assert runtime.choose_variant("", "cpu", all_three) == "int8"
+    assert runtime.choose_variant("", "cuda", all_three) == "fp16"
+    assert runtime.choose_variant("fp32", "cuda", all_three) == "fp32"
+    assert runtime.choose_variant("", "cpu", {"fp32": "a"}) == "fp32"
+    with pytest.raises(runtime.ModelLoadError, match="IMGCLS_VARIANT"):
+        runtime.choose_variant("int8", "cpu", {"fp32": "a"})
+    assert runtime.choose_device("cpu") == "cpu"
+
+
+@pytest.mark.slow
+def test_model_loads_on_cpu_and_a_tampered_file_is_refused(tiny_model, tmp_path):
+    import bentoml
+
+    folder = tmp_path / "model"
+    shutil.copytree(bentoml.models.get(tiny_model).path, folder)
+    rt = runtime.load(folder, Settings(device="cpu", max_batch_size=4))
+    assert (rt.provider, rt.variant) == ("CPUExecutionProvider", "int8")
+    probs, emb = rt.run(np.zeros((3, rt.spec.size, rt.spec.size, 3), dtype=np.uint8))
+    assert probs.shape == (3, len(rt.labels)) and np.allclose(probs.sum(axis=1), 1, atol=1e-3)
+    assert emb.shape[0] == 3 and emb.dtype == np.float32
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    victim = folder / manifest["variants"]["fp32"]
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(runtime.ModelLoadError, match="checksum"):
+        runtime.load(folder, Settings(device="cpu"))
