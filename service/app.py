@@ -15,6 +15,7 @@ this module through ``bentofile.yaml``. Settings: see :mod:`service.settings`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ import typing as t
 import uuid
 from pathlib import Path
 
+import aiohttp
 import bentoml
 import httpx
 import numpy as np
@@ -30,6 +32,7 @@ from starlette.responses import JSONResponse, RedirectResponse
 
 from service import metrics, runtime
 from service.artifacts import load_labels
+from service.coalesce import Coalescer
 from service.errors import RequestGuard, error_response
 from service.imagestats import image_stats
 from service.inference_log import InferenceLogWriter, make_record
@@ -107,6 +110,9 @@ class ClassifyBatchResult(BaseModel):
     threads=1,  # one batch at a time; onnxruntime itself uses every core (IMGCLS_ORT_THREADS)
     traffic={"timeout": settings.timeout_s + 5},
     logging={"access": {"enabled": False}},  # one line per internal batch call is noise
+    # BentoML's client replaces its connection pool every 100 requests (default) by closing the old one,
+    # which cuts the calls still in flight on it ("Server disconnected"); a local socket needs no refresh.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 365 * 86400.0},
     resources={"gpu": 1} if settings.device != "cpu" and runtime.gpu_present() else None,
 )
 class ImageModel:
@@ -172,6 +178,7 @@ class Classifier:
         self.labels = load_labels(folder)
         self.metrics = metrics.get()
         self.inference_log = InferenceLogWriter(settings.log_dir, max_bytes=settings.log_max_bytes)
+        self.hop = Coalescer(self._call_model, settings.max_batch_size, settings.hop_in_flight)
 
     @bentoml.on_shutdown
     def close_inference_log(self) -> None:
@@ -224,10 +231,21 @@ class Classifier:
         self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
         return pixels, stats
 
-    async def _infer(self, pixels: np.ndarray) -> np.ndarray:
-        """One call to the model service; its failures become 503/504 for the client."""
+    async def _call_model(self, pixels: np.ndarray) -> np.ndarray:
+        """One hop request to the model service (raw .npy both ways); retried once if the connection drops."""
         try:
             out = await self.model.to_async.infer(pixels)
+        except (aiohttp.ClientConnectionError, httpx.TransportError) as exc:
+            if isinstance(exc, (aiohttp.ServerTimeoutError, httpx.TimeoutException)):
+                raise
+            log.warning("model service connection dropped (%r); retrying once", exc)
+            out = await self.model.to_async.infer(pixels)  # inference is idempotent
+        return from_npy(out) if isinstance(out, (bytes, bytearray, memoryview)) else np.asarray(out)
+
+    async def _infer(self, pixels: np.ndarray) -> np.ndarray:
+        """Model outputs for a batch, sharing hop requests with concurrent ones; failures become 503/504."""
+        try:
+            return await self.hop(pixels)
         except bentoml.exceptions.BentoMLException as exc:
             status = getattr(exc.error_code, "value", 500)
             if status in (429, 503):
@@ -236,12 +254,11 @@ class Classifier:
                 raise ModelCallError(504, "timeout", MODEL_TIMEOUT) from exc
             log.error("model service failed: %s", exc)
             raise ModelCallError(500, "model_error", MODEL_FAILED) from exc
-        except httpx.TimeoutException as exc:
+        except (httpx.TimeoutException, aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
             raise ModelCallError(504, "timeout", MODEL_TIMEOUT) from exc
-        except httpx.TransportError as exc:  # the model process is restarting or gone
+        except (httpx.TransportError, aiohttp.ClientError) as exc:  # the model process is restarting or gone
             log.error("model service unreachable: %r", exc)
             raise ModelCallError(503, "model_unavailable", MODEL_GONE) from exc
-        return from_npy(out) if isinstance(out, (bytes, bytearray, memoryview)) else np.asarray(out)
 
     def _result(self, row: np.ndarray, stats: dict[str, float], top_k: int, request_id: str) -> dict:
         """Top-k for one image; also logs it and counts it."""

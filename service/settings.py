@@ -37,6 +37,7 @@ class Settings:
     workers: int = 0  # API (preprocessing) worker processes; 0: one per core
     ort_threads: int = 0  # onnxruntime intra-op threads; 0: one per core
     ort_spin: bool = False  # let ORT threads spin between runs (burns CPU the decoders need)
+    hop_in_flight: int = 2  # model calls one API worker has in flight; more arrivals share the next call
     max_concurrency: int = 64  # in-flight requests per API worker before answering 503 + Retry-After
     timeout_s: float = 30.0  # per request, answered with 504
     retry_after_s: int = 1

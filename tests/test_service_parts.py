@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service import runtime, wire
+from service.coalesce import Coalescer
 from service.errors import RequestGuard
 from service.settings import Settings, SettingsError
 
@@ -159,3 +160,35 @@ def test_model_loads_on_cpu_and_a_tampered_file_is_refused(tiny_model, tmp_path)
     victim.write_bytes(victim.read_bytes() + b"\0")
     with pytest.raises(runtime.ModelLoadError, match="checksum"):
         runtime.load(folder, Settings(device="cpu"))
+
+
+def test_coalescer_shares_hop_calls_under_load_and_returns_each_callers_rows():
+    calls = []
+
+    async def model(batch):
+        calls.append(len(batch))
+        await asyncio.sleep(0.05)
+        return batch[:, :1].astype(np.float32) * 2  # row i answers input row i
+
+    async def go():
+        hop = Coalescer(model, max_batch_size=8, max_in_flight=1)
+        inputs = [np.full((1 + i % 2, 1), i, dtype=np.uint8) for i in range(10)]
+        return inputs, await asyncio.gather(*(hop(x) for x in inputs))
+
+    inputs, outputs = run(go())
+    for x, out in zip(inputs, outputs, strict=True):
+        assert out.shape == (len(x), 1) and np.all(out == 2 * x)
+    assert calls[0] == 1  # the first caller did not wait for company
+    assert len(calls) < 10 and max(calls) <= 8 and sum(calls) == sum(len(x) for x in inputs)
+
+
+def test_coalescer_passes_the_hop_error_to_every_caller_in_the_call():
+    async def broken(batch):
+        await asyncio.sleep(0.01)
+        raise httpx.ConnectError("model service gone")
+
+    async def go():
+        hop = Coalescer(broken, max_batch_size=8, max_in_flight=1)
+        return await asyncio.gather(*(hop(np.zeros((1, 1))) for _ in range(3)), return_exceptions=True)
+
+    assert all(isinstance(r, httpx.ConnectError) for r in run(go()))
