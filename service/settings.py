@@ -32,7 +32,7 @@ class Settings:
     max_body_bytes: int = 10 << 20
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_files: int = 64  # per /classify_batch request
-    max_batch_size: int = 32  # adaptive batching: largest batch the model sees
+    max_batch_size: int = 32  # adaptive batching: largest batch the model sees (128 when a GPU is used)
     max_latency_ms: int = 1000  # adaptive batching: latency budget before the dispatcher sheds load
     workers: int = 0  # API (preprocessing) worker processes; 0: one per core
     ort_threads: int = 0  # onnxruntime intra-op threads; 0: one per core
