@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # in the caller's script.
 _START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MARKER_FILE = ".complete.json"
 CLASSES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "arrow")
 SPLITS = (("train", 0.70), ("val", 0.15), ("test", 0.15))
@@ -134,10 +134,29 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     )
     img = Image.fromarray(np.clip(bg + blot - 128, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    for _ in range(rng.integers(0, 6)):
+    for _ in range(rng.integers(0, 3)):
         pts = rng.uniform(0, [w, h, w, h])
-        draw.line(list(pts), fill=tuple(int(v) for v in rng.uniform(0, 255, 3)), width=int(rng.integers(1, 3)))
+        draw.line(list(pts), fill=tuple(int(v) for v in rng.uniform(0, 255, 3)), width=1)
     return np.asarray(img, dtype=np.float32)
+
+
+MIN_LUMA_GAP = 70.0
+
+
+def _luma(rgb: np.ndarray) -> float:
+    return float(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
+
+
+def _contrasting_colour(background_luma: float, rng: np.random.Generator) -> np.ndarray:
+    """A random colour whose luma differs from ``background_luma`` by at least MIN_LUMA_GAP."""
+    darker_ok, brighter_ok = background_luma >= MIN_LUMA_GAP + 20, background_luma <= 235 - MIN_LUMA_GAP
+    dark = darker_ok and (not brighter_ok or rng.random() < 0.5)
+    for _ in range(50):
+        colour = rng.uniform(0, 255, 3)
+        gap = _luma(colour) - background_luma
+        if (dark and gap <= -MIN_LUMA_GAP) or (not dark and gap >= MIN_LUMA_GAP):
+            return colour
+    return np.full(3, 20.0 if dark else 235.0)
 
 
 def render(class_index: int, index: int, params: DemoParams) -> bytes:
@@ -156,13 +175,9 @@ def render(class_index: int, index: int, params: DemoParams) -> bytes:
     mask = np.zeros((h, w), np.float32)
     ix, iy = int(round(x0)), int(round(y0))
     mask[iy : iy + side, ix : ix + side] = mask_sq
-    # Shape colour: random, but far enough from the local background to be visible.
+    # Shape colour: random hue, but at least MIN_LUMA_GAP brighter or darker than the background around it.
     local = bg[mask > 0.5].mean(axis=0) if (mask > 0.5).any() else bg.mean(axis=(0, 1))
-    colour = rng.uniform(0, 255, 3)
-    for _ in range(20):
-        if np.abs(colour - local).sum() > 150:
-            break
-        colour = rng.uniform(0, 255, 3)
+    colour = _contrasting_colour(_luma(local), rng)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     shade = 1 + rng.uniform(-0.25, 0.25) * ((xx - cx) + (yy - cy)) / max(radius, 1)  # 3-D-ish shading on the shape
     fg = np.clip(colour * np.clip(shade, 0.6, 1.4)[..., None], 0, 255)
@@ -172,7 +187,7 @@ def render(class_index: int, index: int, params: DemoParams) -> bytes:
     dist = np.hypot(xx - lx, yy - ly) / math.hypot(w, h)
     light = rng.uniform(0.55, 1.25) * (1 - rng.uniform(0, 0.5) * dist)
     img = 255.0 * np.clip(img * light[..., None] / 255.0, 0, 1) ** rng.uniform(0.7, 1.4)
-    img += rng.normal(0, rng.uniform(0, 14), img.shape)
+    img += rng.normal(0, rng.uniform(0, 12), img.shape)
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     if rng.random() < 0.3:
         pil = pil.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
