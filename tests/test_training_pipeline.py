@@ -209,3 +209,17 @@ def test_cli_trains_and_stores_end_to_end(tmp_path, cache_dir):
     run_dir = next((tmp_path / "runs").iterdir())
     saved = json.loads((run_dir / CONFIG_FILE).read_text())
     assert saved["epochs"] == 1 and saved["name"] == "cli-model"
+
+
+def test_init_checkpoint_loads_matching_tensors_and_keeps_a_new_head(tmp_path):
+    from training.model import load_init
+
+    source = Classifier(4, width=8, depth=3)
+    torch.save(source.state_dict(), tmp_path / "init.pt")
+    target = Classifier(6, width=8, depth=3, seed=5)
+    load_init(target, str(tmp_path / "init.pt"))
+    assert torch.equal(target.stem[0].weight, source.stem[0].weight)
+    assert target.head.weight.shape == (6, target.feature_dim)
+    with pytest.raises(ValueError, match="shares no tensor"):
+        torch.save({"other": torch.zeros(3)}, tmp_path / "bad.pt")
+        load_init(target, str(tmp_path / "bad.pt"))

@@ -83,7 +83,12 @@ def export_fp16(fp32_path: Path, path: Path) -> Path:
     """Half-precision weights and activations for GPUs; uint8 input and float32 outputs stay as they are."""
     from onnxconverter_common import float16
 
-    model = float16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = float16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    truncated = sum("truncated" in str(w.message) for w in caught)
+    if truncated:
+        log.info("fp16: %d weights below the float16 range were clamped to +-1e-7 (harmless)", truncated)
     _fix_casts(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
