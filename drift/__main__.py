@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m drift", description=__doc__.splitlines()[0])
     p.add_argument(
         "--log-dir",
-        default=os.environ.get("IMGCLS_LOG_DIR"),
-        help="inference-log folder or file (default: $IMGCLS_LOG_DIR)",
+        default=os.environ.get("IMGCLS_LOG_DIR", "inference_log"),
+        help="inference-log folder or file (default: $IMGCLS_LOG_DIR, else ./inference_log as the service)",
     )
     p.add_argument("--since", help="only rows from this time on: ISO 8601 (2025-01-31T12:00) or a duration (24h, 7d)")
     p.add_argument("--last", type=int, help="only the newest N rows (after --since)")

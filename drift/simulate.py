@@ -1,7 +1,10 @@
-"""`python -m drift.simulate`: send held-out images to a running service, optionally shifted, to watch drift fire.
+"""`python -m drift.simulate`: send images to a running service, optionally shifted, to watch drift fire.
 
-Shifts: none (the files as they are), brightness, contrast, blur, noise, rotation, unseen (a kind of
-image that is not among the classes), aspect (stretched to 2:1). Requests are bounded in count and
+Images: new ones from the training's demo generator, like the held-out images of the served model
+(default), or the files of ``--images DIR``. Shifts: none (the bytes as they are), brightness,
+contrast, blur, noise, rotation (a quarter turn), unseen (demo classes the model never saw; for a
+folder, documents), document (a page of text-like stripes instead of a photo: a kind of image outside
+every class), aspect (stretched to 2:1). Requests are bounded in count and
 each has a timeout.
 """
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import sys
 from collections import Counter
@@ -21,6 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "image-classifier:latest"
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -51,7 +57,7 @@ def _aspect(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return img.resize((img.width * 2, img.height), Image.Resampling.BICUBIC)
 
 
-def _unseen(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+def _document(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Something that is not among the classes: a page of coloured text-like stripes on a light background."""
     w, h = img.size
     page = Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(200, 256, size=3)))
@@ -73,7 +79,8 @@ SHIFTS: dict[str, Callable[[Image.Image, np.random.Generator], Image.Image] | No
     "blur": _blur,
     "noise": _noise,
     "rotation": _rotation,
-    "unseen": _unseen,
+    "unseen": _document,  # for a folder of photos; with demo images, demo classes the model never saw
+    "document": _document,
     "aspect": _aspect,
 }
 
@@ -108,11 +115,38 @@ def find_images(folder: str | Path) -> list[Path]:
     return paths
 
 
-def default_images() -> Path:
-    """The held-out images of the demo data set that training generates (deterministic, cached)."""
-    from training import demo
+def folder_images(folder: str | Path, n: int, seed: int) -> list[bytes]:
+    """``n`` files from ``folder`` in a seeded order, each once per round when ``n`` exceeds them."""
+    paths = find_images(folder)
+    rng = np.random.default_rng(seed)
+    rounds = -(-n // len(paths))
+    order = np.concatenate([rng.permutation(len(paths)) for _ in range(rounds)])[:n]
+    return [paths[i].read_bytes() for i in order]
 
-    return demo.heldout_folder()
+
+def demo_images(n: int, seed: int, model: str = DEFAULT_MODEL, unseen: bool = False) -> list[bytes]:
+    """``n`` new demo images like the ones model ``model`` was trained on, or of demo classes it never saw.
+
+    They come from the training's demo generator with the model's stored demo parameters, at image
+    indices past the generated data set: the same distribution as the held-out images, yet none of
+    them was trained on or summarised in the reference, so "no shift" traffic is a fair test.
+    """
+    import bentoml
+
+    from service.artifacts import CONFIG_FILE, load_labels
+    from training.demo_data import CLASSES, DemoParams, render
+
+    folder = Path(bentoml.models.get(model).path)
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    if not cfg.get("demo"):
+        raise ValueError(f"model {model} was not trained on the demo data: pass --images with photos like yours")
+    params = DemoParams(classes=cfg["demo_classes"], per_class=cfg["demo_per_class"], image_size=cfg["demo_image_size"])
+    labels = set(load_labels(folder))
+    classes = [i for i, name in enumerate(CLASSES) if (name not in labels) == unseen]
+    if not classes:
+        raise ValueError(f"model {model} knows every demo class; there is no unseen one to send")
+    first = params.per_class + seed * 1_000_000
+    return [render(classes[k % len(classes)], first + k // len(classes), params) for k in range(n)]
 
 
 @dataclass
@@ -126,44 +160,33 @@ class SimulationResult:
 
 
 def simulate(
-    host: str,
-    images: list[Path],
-    shift: str = "none",
-    n: int = 200,
-    seed: int = 0,
-    workers: int = 4,
-    timeout: float = 30.0,
+    host: str, images: list[bytes], shift: str = "none", seed: int = 0, workers: int = 4, timeout: float = 30.0
 ) -> SimulationResult:
-    """Send ``n`` images drawn (with a seeded shuffle, cycling when ``n`` exceeds them) to ``host``/classify."""
+    """POST each image, after ``shift``, to ``host``/classify from a small thread pool."""
     import httpx
 
     if shift not in SHIFTS:
         raise ValueError(f"unknown shift {shift!r}; choose one of {', '.join(SHIFTS)}")
-    rng = np.random.default_rng(seed)
-    rounds = -(-n // len(images))  # each image once per round, in a fresh shuffled order
-    order = [images[i] for i in np.concatenate([rng.permutation(len(images)) for _ in range(rounds)])[:n]]
-    seeds = rng.integers(0, 2**32, size=n)
-    result = SimulationResult()
+    seeds = np.random.default_rng(seed).integers(0, 2**32, size=len(images))
     url = host.rstrip("/") + "/classify"
 
     def send(i: int) -> tuple[int | str, str | None]:
-        path = order[i]
-        data, content_type = shift_image(path.read_bytes(), shift, np.random.default_rng(seeds[i]))
-        name = path.stem + (".png" if content_type == "image/png" and shift != "none" else path.suffix)
+        data, content_type = shift_image(images[i], shift, np.random.default_rng(seeds[i]))
+        name = f"image{i}." + content_type.split("/")[-1]
         try:
             resp = client.post(url, files={"image": (name, data, content_type)}, timeout=timeout)
         except httpx.HTTPError as e:
             return type(e).__name__, None
-        label = None
-        if resp.status_code == 200:
-            try:
-                label = resp.json().get("label")
-            except ValueError:
-                label = None
-        return resp.status_code, label
+        if resp.status_code != 200:
+            return resp.status_code, None
+        try:
+            return 200, resp.json().get("label")
+        except ValueError:
+            return 200, None
 
+    result = SimulationResult()
     with httpx.Client() as client, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for status, label in pool.map(send, range(n)):
+        for status, label in pool.map(send, range(len(images))):
             result.sent += 1
             if status == 200:
                 result.ok += 1
@@ -171,7 +194,7 @@ def simulate(
             else:
                 result.errors[str(status)] += 1
     if result.errors:
-        log.warning("%d of %d requests failed: %s", sum(result.errors.values()), n, dict(result.errors))
+        log.warning("%d of %d requests failed: %s", sum(result.errors.values()), result.sent, dict(result.errors))
     return result
 
 
@@ -183,12 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200, help="requests to send (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed for the image order and the shifts")
     p.add_argument("--workers", type=int, default=4, help="concurrent requests (default 4)")
-    p.add_argument("--images", type=Path, help="image folder (default: the demo data's held-out images)")
+    p.add_argument("--images", type=Path, help="image folder to send (default: new images from the demo generator)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model whose demo data to imitate (default {DEFAULT_MODEL})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    images = find_images(args.images or default_images())
-    result = simulate(args.host, images, args.shift, args.n, args.seed, args.workers)
-    print(f"sent {result.sent} images ({args.shift}) from {len(images)} files: {result.ok} ok")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    if args.images:
+        images, shift = folder_images(args.images, args.n, args.seed), args.shift
+    else:  # the demo generator draws real unseen classes; the "unseen" transform is for user folders
+        images = demo_images(args.n, args.seed, args.model, unseen=args.shift == "unseen")
+        shift = "none" if args.shift == "unseen" else args.shift
+    result = simulate(args.host, images, shift, args.seed, args.workers)
+    print(f"sent {result.sent} images ({args.shift}): {result.ok} ok")
     for label, count in result.labels.most_common():
         print(f"  {label:<20} {count}")
     for status, count in result.errors.items():

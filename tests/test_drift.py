@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -29,6 +30,8 @@ from service.imagestats import STAT_FIELDS
 from service.inference_log import EMBEDDING_PREFIX, encode, make_record
 
 log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CLASSES = ("circle", "square", "triangle", "star")
 DIM = 16
@@ -181,15 +184,19 @@ def test_prometheus_file_is_valid(tmp_path):
 
 
 @pytest.mark.slow
-def test_large_log_is_sampled_and_judged(stored_model, tmp_path, capsys):
-    """100k log rows from the reference distribution: judged on a sample, and the report says so (time is logged)."""
+@pytest.mark.integration
+def test_large_log_is_sampled_and_judged(stored_model, bentoml_home, tmp_path):
+    """100k log rows from the reference distribution, through the real command: judged on a sample, said so.
+
+    The time is printed and logged for the record, not asserted (the goal is under 60 s on 2 cores).
+    """
     write_log(tmp_path / "log" / "inference-1.jsonl", synthetic_rows(100_000, seed=11), stored_model)
     started = time.perf_counter()
-    code = main(["--log-dir", str(tmp_path / "log"), "--out", str(tmp_path / "reports")])
+    cmd = [sys.executable, "-m", "drift", "--log-dir", str(tmp_path / "log"), "--out", str(tmp_path / "reports")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     elapsed = time.perf_counter() - started
-    out = capsys.readouterr().out
-    log.info("drift job on 100,000 log rows: %.1f s", elapsed)
-    print(f"drift job on 100,000 log rows: {elapsed:.1f} s")
-    assert code == 0, out
-    assert "sampled: 20,000 of 100,000 rows" in out
+    log.info("python -m drift on 100,000 log rows: %.1f s", elapsed)
+    print(f"python -m drift on 100,000 log rows: {elapsed:.1f} s")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sampled: 20,000 of 100,000 rows" in proc.stdout
     assert "sampled: 20,000 of 100,000 rows" in next((tmp_path / "reports").glob("*.html")).read_text()
