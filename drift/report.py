@@ -227,7 +227,8 @@ def drift_report(
     ]
     stamp = datetime.now(timezone.utc)
     report = Report(metrics, include_tests=True, metadata={"notes": " ".join(notes)})
-    with _embedding_plot_points(min(config.plot_points, 2500)):
+    # np.errstate: a constant column (every upload the same size) makes Evidently divide 0 by 0 in a correlation.
+    with _embedding_plot_points(min(config.plot_points, 2500)), np.errstate(invalid="ignore", divide="ignore"):
         snapshot = report.run(
             Dataset.from_pandas(cur, data_definition=definition),
             Dataset.from_pandas(ref, data_definition=definition),

@@ -91,9 +91,15 @@ def shift_image(data: bytes, shift: str, rng: np.random.Generator) -> tuple[byte
     if transform is None:
         return data, _content_type(data)
     with Image.open(io.BytesIO(data)) as src:
+        fmt = src.format
         img = transform(src.convert("RGB"), rng)
+    # Keep the upload's format: the service decodes JPEG at a reduced scale (draft mode) and PNG in full,
+    # so a change of format alone moves the statistics (sharpness) and would pass for a shift.
     buf = io.BytesIO()
-    img.save(buf, format="PNG")  # lossless, so the shift is the only change
+    if fmt == "JPEG":
+        img.save(buf, format="JPEG", quality=95)
+        return buf.getvalue(), "image/jpeg"
+    img.save(buf, format="PNG")
     return buf.getvalue(), "image/png"
 
 
