@@ -53,11 +53,34 @@ def wait_ready(target: Target, timeout: float) -> None:
     )
 
 
+def private_bentoml_home(folder: Path) -> Path:
+    """A BentoML home of its own that sees the current model store and Bentos through links.
+
+    `bentoml serve` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts (BentoML 1.4.39),
+    so a second server on the same home silently freezes the /metrics of one already running there
+    (say, the user's `make serve`). A private home keeps each server's metrics its own.
+    """
+    shared = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    folder.mkdir(parents=True, exist_ok=True)
+    for store in ("models", "bentos"):
+        (shared / store).mkdir(parents=True, exist_ok=True)
+        link = folder / store
+        if not link.exists():
+            link.symlink_to((shared / store).resolve(), target_is_directory=True)
+    return folder
+
+
 def start_service(model: str, out_dir: Path, env_extra: dict[str, str], timeout: float = 300.0) -> Target:
     """`bentoml serve .` from the project root with ``IMGCLS_MODEL=model``; returns once /readyz says ready."""
     port = free_port()
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "IMGCLS_MODEL": model, "IMGCLS_LOG_DIR": str(out_dir / "inference_log"), **env_extra}
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(private_bentoml_home(out_dir / "bentoml_home")),
+        "IMGCLS_MODEL": model,
+        "IMGCLS_LOG_DIR": str(out_dir / "inference_log"),
+        **env_extra,
+    }
     cmd = [sys.executable, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)]
     return _start("service", cmd, env, out_dir / "service.log", port, timeout)
 

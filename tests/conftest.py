@@ -85,7 +85,11 @@ def start_server(target: str, env_extra: dict[str, str], tmp: Path, timeout: flo
 
     port = free_port()
     log_dir = tmp / "inference_log"
-    env = {**os.environ, "IMGCLS_LOG_DIR": str(log_dir), **env_extra}
+    from loadtest.servers import private_bentoml_home
+
+    # A home of its own per server: BentoML empties the shared metrics folder at each start.
+    home = private_bentoml_home(tmp / "bentoml_home")
+    env = {**os.environ, "BENTOML_HOME": str(home), "IMGCLS_LOG_DIR": str(log_dir), **env_extra}
     log_file = tmp / "server.log"
     cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_file, "wb"), stderr=subprocess.STDOUT)
