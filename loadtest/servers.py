@@ -70,18 +70,23 @@ def private_bentoml_home(folder: Path) -> Path:
     return folder
 
 
-def start_service(model: str, out_dir: Path, env_extra: dict[str, str], timeout: float = 300.0) -> Target:
-    """`bentoml serve .` from the project root with ``IMGCLS_MODEL=model``; returns once /readyz says ready."""
+def start_service(
+    model: str | None, out_dir: Path, env_extra: dict[str, str], timeout: float = 300.0, target: str = "."
+) -> Target:
+    """`bentoml serve TARGET` (the project root, or a built Bento's tag) with ``IMGCLS_MODEL=model`` when given.
+
+    The inference log goes to ``out_dir/inference_log``; returns once /readyz says ready.
+    """
     port = free_port()
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
         "BENTOML_HOME": str(private_bentoml_home(out_dir / "bentoml_home")),
-        "IMGCLS_MODEL": model,
         "IMGCLS_LOG_DIR": str(out_dir / "inference_log"),
+        **({"IMGCLS_MODEL": model} if model else {}),
         **env_extra,
     }
-    cmd = [sys.executable, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     return _start("service", cmd, env, out_dir / "service.log", port, timeout)
 
 

@@ -12,7 +12,7 @@ import urllib.request
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from loadtest.servers import free_port
 from tests.test_preprocess import encode, gradient
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -27,19 +27,10 @@ TARGET_BATCH = 8
 
 
 def cuda_available() -> bool:
-    """True when onnxruntime can create a CUDA session (the provider is listed and a GPU answers)."""
-    import onnxruntime as ort
+    """True when the service would pick CUDA here (onnxruntime lists the provider and a driver is loaded)."""
+    from service.runtime import choose_device
 
-    return "CUDAExecutionProvider" in ort.get_available_providers() and _nvidia_smi_ok()
-
-
-def _nvidia_smi_ok() -> bool:
-    import subprocess
-
-    try:
-        return subprocess.run(["nvidia-smi"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    return choose_device("auto") == "cuda"
 
 
 def benchmark(
