@@ -1,16 +1,20 @@
-"""The BentoML services: ``Classifier`` answers HTTP, ``ImageModel`` runs the batched onnxruntime session.
+"""The BentoML services: ``Classifier`` answers HTTP; the model runs in it or in ``ImageModel``.
 
 Dataflow of one ``POST /classify``::
 
-    API worker (IMGCLS_WORKERS processes)                  model service (one process)
-    read multipart -> decode, orient, resize, statistics   adaptive batching (BentoML)
-      -> uint8 [1, S, S, 3] as .npy  ---- bentoml.depends ---> onnxruntime, CUDA fp16 or CPU int8
-      <- probs + embedding as .npy  <-------------------------
+    API worker (IMGCLS_WORKERS processes)
+    read multipart -> decode, orient, resize, statistics -> uint8 [1, S, S, 3]
+      -> BentoML adaptive batching -> onnxruntime          (placement "worker": in this process)
+      -> .npy ---- bentoml.depends ---> ImageModel           (placement "shared": one model process,
+                                        adaptive batching     fed by every worker)
+                                        -> onnxruntime
     top-k JSON response; inference-log record; metrics
 
 Decoding runs in parallel in the API workers, never inside the batched call (that would serialize
-it); the model service sees only small uint8 arrays. ``bentoml serve`` and ``bentoml build`` read
-this module through ``bentofile.yaml``. Settings: see :mod:`service.settings`.
+it). ``IMGCLS_PLACEMENT=auto`` shares one model process on a GPU (one CUDA session, big batches)
+and keeps a model in every worker on the CPU (no HTTP hop; see :mod:`service.model`).
+``bentoml serve`` and ``bentoml build`` read this module through ``bentofile.yaml``.
+Settings: see :mod:`service.settings`.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from service.coalesce import Coalescer
 from service.errors import RequestGuard, error_response
 from service.imagestats import image_stats
 from service.inference_log import InferenceLogWriter, make_record
+from service.model import InProcessBatching, Model
 from service.preprocess import SPEC_FILE, ImageError, PreprocessSpec, preprocess_bytes
 from service.settings import Settings
 from service.upload import ImageBatchUpload, ImageUpload
@@ -47,6 +52,12 @@ log = logging.getLogger(__name__)
 settings = Settings.from_env()
 if "IMGCLS_MAX_BATCH_SIZE" not in os.environ and settings.device != "cpu" and runtime.gpu_present():
     settings = dataclasses.replace(settings, max_batch_size=128)  # fp16 on a big GPU peaks near batch 128
+# Decided when the service starts (not when the Bento is built: a Bento built here runs on a GPU machine).
+SHARED_MODEL = settings.placement == "shared" or (
+    settings.placement == "auto" and runtime.choose_device(settings.device) == "cuda"
+)
+if not SHARED_MODEL and not settings.ort_threads:  # one session per worker: share the cores out
+    settings = dataclasses.replace(settings, ort_threads=max(1, settings.intra_op_threads // settings.api_workers))
 ImageBatchUpload.max_files = settings.max_files
 API_PATHS = ("/classify", "/classify_batch")
 MODEL_BUSY = "The model is saturated; retry after the number of seconds in Retry-After."
@@ -119,19 +130,22 @@ class ClassifyBatchResult(BaseModel):
     resources={"gpu": 1} if settings.device != "cpu" and runtime.gpu_present() else None,
 )
 class ImageModel:
-    """One onnxruntime session fed by every API worker through BentoML's adaptive batching."""
+    """Placement "shared": one onnxruntime session fed by every API worker through BentoML's adaptive batching.
+
+    With placement "worker" this process stays idle and loads nothing: a built Bento's service graph is fixed,
+    so the dependency is declared either way.
+    """
 
     model_ref = bentoml.models.BentoModel(settings.model)
 
     def __init__(self) -> None:
         show_info_logs()
-        stored = stored_model(self.model_ref)
-        self.tag = str(stored.tag)
-        self.runtime = runtime.load(stored.path, settings)
-        self.metrics = metrics.get()
-        info = {"model": self.tag, "variant": self.runtime.variant, "provider": self.runtime.provider}
-        self.metrics.model_info.labels(**info).set(1)
-        log.info("serving %s: %s on %s", self.tag, self.runtime.model_file.name, self.runtime.provider)
+        self.model = None
+        if SHARED_MODEL:
+            stored = stored_model(self.model_ref)
+            self.model = Model(runtime.load(stored.path, settings), str(stored.tag))
+        else:
+            log.info("idle: IMGCLS_PLACEMENT=%s runs the model in the API workers", settings.placement)
 
     def __is_ready__(self) -> bool:
         return True  # __init__ returns only after loading, verifying and warming up the model
@@ -145,11 +159,9 @@ class ImageModel:
     )
     def infer(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] -> float32 [N, classes + embedding]: probabilities, then the embedding."""
-        start = time.perf_counter()
-        probs, embedding = self.runtime.run(pixels)
-        self.metrics.model_seconds.observe(time.perf_counter() - start)
-        self.metrics.batch_size.observe(len(pixels))
-        return np.concatenate([probs, embedding], axis=1)
+        if self.model is None:
+            raise bentoml.exceptions.ServiceUnavailable("no model here: IMGCLS_PLACEMENT puts it in the API workers")
+        return self.model.infer(pixels)
 
 
 class ModelCallError(Exception):
@@ -162,7 +174,7 @@ class ModelCallError(Exception):
 
 @bentoml.service(
     name="image_classifier",
-    workers=settings.workers or "cpu_count",  # one preprocessing worker per core unless IMGCLS_WORKERS
+    workers=settings.api_workers,  # one preprocessing worker per core unless IMGCLS_WORKERS
     traffic={"timeout": settings.timeout_s + 10},  # RequestGuard answers 504 first, in our error format
     logging={"access": {"enabled": settings.access_log}},
 )
@@ -170,7 +182,7 @@ class Classifier:
     """HTTP API: upload photos, get labels. Preprocessing runs here, in every worker."""
 
     model_ref = bentoml.models.BentoModel(settings.model)
-    model = bentoml.depends(ImageModel)
+    model = bentoml.depends(ImageModel)  # used with placement "shared" only
 
     def __init__(self) -> None:
         show_info_logs()
@@ -181,7 +193,11 @@ class Classifier:
         self.labels = load_labels(folder)
         self.metrics = metrics.get()
         self.inference_log = InferenceLogWriter(settings.log_dir, max_bytes=settings.log_max_bytes)
-        self.hop = Coalescer(self._call_model, settings.max_batch_size, settings.hop_in_flight)
+        if SHARED_MODEL:
+            self.predict = Coalescer(self._call_model, settings.max_batch_size, settings.hop_in_flight)
+        else:
+            model = Model(runtime.load(folder, settings), self.tag)
+            self.predict = InProcessBatching(model, settings.max_batch_size, settings.max_latency_ms)
 
     @bentoml.on_shutdown
     def close_inference_log(self) -> None:
@@ -246,9 +262,9 @@ class Classifier:
         return from_npy(out) if isinstance(out, (bytes, bytearray, memoryview)) else np.asarray(out)
 
     async def _infer(self, pixels: np.ndarray) -> np.ndarray:
-        """Model outputs for a batch, sharing hop requests with concurrent ones; failures become 503/504."""
+        """Model outputs for a batch, batched with concurrent ones; failures become 503/504."""
         try:
-            return await self.hop(pixels)
+            return await self.predict(pixels)
         except bentoml.exceptions.BentoMLException as exc:
             status = getattr(exc.error_code, "value", 500)
             if status in (429, 503):

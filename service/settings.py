@@ -35,9 +35,10 @@ class Settings:
     max_batch_size: int = 32  # adaptive batching: largest batch the model sees (128 when a GPU is used)
     max_latency_ms: int = 1000  # adaptive batching: latency budget before the dispatcher sheds load
     workers: int = 0  # API (preprocessing) worker processes; 0: one per core
-    ort_threads: int = 0  # onnxruntime intra-op threads; 0: one per core
+    placement: str = "auto"  # worker: a model in every API worker | shared: one model service | auto (see app.py)
+    ort_threads: int = 0  # onnxruntime intra-op threads per session; 0: cores / sessions
     ort_spin: bool = False  # let ORT threads spin between runs (burns CPU the decoders need)
-    hop_in_flight: int = 2  # model calls one API worker has in flight; more arrivals share the next call
+    hop_in_flight: int = 2  # placement shared: hop calls one API worker has in flight; more share the next
     max_concurrency: int = 64  # in-flight requests per API worker before answering 503 + Retry-After
     timeout_s: float = 30.0  # per request, answered with 504
     retry_after_s: int = 1
@@ -74,6 +75,8 @@ class Settings:
         """Refuse combinations the service cannot run with."""
         if self.device not in ("auto", "cpu", "cuda"):
             raise SettingsError(f"IMGCLS_DEVICE={self.device!r}: use auto, cpu or cuda.")
+        if self.placement not in ("auto", "worker", "shared"):
+            raise SettingsError(f"IMGCLS_PLACEMENT={self.placement!r}: use auto, worker or shared.")
         if self.variant not in ("", "fp32", "fp16", "int8"):
             raise SettingsError(f"IMGCLS_VARIANT={self.variant!r}: use fp32, fp16 or int8 (or leave it unset).")
         if self.max_batch_size < 2:
@@ -81,6 +84,11 @@ class Settings:
         for name in ("max_body_bytes", "max_pixels", "max_files", "max_latency_ms", "max_concurrency"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"IMGCLS_{name.upper()} must be positive.")
+
+    @property
+    def api_workers(self) -> int:
+        """API worker processes: explicit, else one per core."""
+        return self.workers or _cpu_count()
 
     @property
     def intra_op_threads(self) -> int:

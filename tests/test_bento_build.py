@@ -32,7 +32,9 @@ def test_built_bento_serves_classify_and_flushes_its_log_on_shutdown(tiny_model,
     requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime-gpu" in requirements and "\ntorch==" not in requirements
 
-    srv = start_server(tag, {"IMGCLS_DEVICE": "cpu"}, tmp_path)
+    # Built here with the model in the API workers (the CPU default), served the way a GPU machine runs it: one
+    # shared model service. The service graph is decided when the Bento is served, not when it is built.
+    srv = start_server(tag, {"IMGCLS_DEVICE": "cpu", "IMGCLS_PLACEMENT": "shared"}, tmp_path)
     try:
         buf = io.BytesIO()
         Image.new("RGB", (320, 240), (200, 120, 40)).save(buf, "JPEG")
@@ -40,6 +42,7 @@ def test_built_bento_serves_classify_and_flushes_its_log_on_shutdown(tiny_model,
         resp = requests.post(srv.url + "/classify", files=files, timeout=60)
         assert resp.status_code == 200, resp.text
         assert resp.json()["model"] == tiny_model
+        assert "image_model" in srv.output()  # the model ran in its own service
     finally:
         stop_server(srv.proc)  # graceful: the service's shutdown hook flushes the inference log
     logged = [parse_line(line) for path in log_files(srv.log_dir) for line in path.read_bytes().splitlines()]

@@ -243,9 +243,12 @@ def test_gate_and_comparison_table():
         },  # fmt: skip
         "targets": {"service": _target("service", 300.0, 120.0), "baseline": _target("baseline", 100.0, 150.0)},
     }
-    result["comparison"] = report.comparison(
-        result["targets"]["service"]["headline"], result["targets"]["baseline"]["headline"]
+    result["targets"]["service"]["steps"].append(
+        {**result["targets"]["service"]["steps"][0], "rps": 400.0, "p99_ms": 180}
     )
+    result["comparison"] = report.comparison(
+        result["targets"]["service"]["steps"], result["targets"]["baseline"]["headline"], 0.001
+    )  # 400 req/s came at a p99 above the baseline's 150 ms, so it does not count
     assert result["comparison"]["throughput_ratio"] == 3.0 and result["comparison"]["target_2x_met"]
     assert report.gate(result, 200.0, 0.001, 0, 0)["passed"]
     assert not report.gate(result, 200.0, 0.001, 1e9, 0)["passed"]
@@ -254,7 +257,7 @@ def test_gate_and_comparison_table():
     assert "no step met" in report.gate(result, 200.0, 0.001, 0, 0)["reasons"][0]
     result["targets"]["service"]["headline"] = result["targets"]["service"]["steps"][0]
     table = report.markdown(result)
-    assert "| **service / baseline** | **3.00x** |" in table and "2x target met" in table
+    assert "| **service / baseline at p99 <= 150 ms** | **3.00x** | 4 |" in table and "2x target met" in table
 
 
 def test_locust_finds_the_users_and_the_shape_in_the_folder():

@@ -31,7 +31,7 @@ def test_runner_starts_service_and_baseline_measures_both_and_passes_a_lax_gate(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "SLO gate: passed" in proc.stdout
-    assert "| **service / baseline** |" in proc.stdout  # the ready-to-paste comparison table
+    assert "| **service / baseline at p99 <=" in proc.stdout  # the ready-to-paste comparison table
 
     for name in ("results.json", "results.md", "latency_vs_throughput.png"):
         assert (out / name).stat().st_size > 0, name
@@ -41,7 +41,7 @@ def test_runner_starts_service_and_baseline_measures_both_and_passes_a_lax_gate(
 
     result = json.loads((out / "results.json").read_text())
     assert result["gate"] == {"passed": True, "reasons": []}
-    assert result["comparison"]["throughput_ratio"] > 0
+    assert result["comparison"]["baseline_p99_ms"] > 0  # the ratio itself may be None on a tiny run
     for target in ("service", "baseline"):
         steps = result["targets"][target]["steps"]
         assert [s["users"] for s in steps] == [1, 2]

@@ -1,11 +1,15 @@
-"""Fast, in-process checks of the service's parts: the request guard, the hop's wire format, settings, model loading."""
+"""Fast, in-process checks of the service's parts: the request guard, the hop's wire format, settings, model loading,
+batching."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import shutil
+import time
+from pathlib import Path
 
+import bentoml
 import httpx
 import numpy as np
 import pytest
@@ -16,6 +20,7 @@ from starlette.routing import Route
 from service import runtime, wire
 from service.coalesce import Coalescer
 from service.errors import RequestGuard
+from service.model import InProcessBatching, Model
 from service.settings import Settings, SettingsError
 
 
@@ -130,6 +135,8 @@ def test_settings_from_env_and_clear_refusals():
         Settings.from_env({"IMGCLS_DEVICE": "tpu"})
     with pytest.raises(SettingsError, match="IMGCLS_MAX_FILES"):
         Settings.from_env({"IMGCLS_MAX_FILES": "many"})
+    with pytest.raises(SettingsError, match="IMGCLS_PLACEMENT"):
+        Settings.from_env({"IMGCLS_PLACEMENT": "gpu"})
 
 
 def test_variant_choice_follows_device_and_respects_the_override():
@@ -192,3 +199,46 @@ def test_coalescer_passes_the_hop_error_to_every_caller_in_the_call():
         return await asyncio.gather(*(hop(np.zeros((1, 1))) for _ in range(3)), return_exceptions=True)
 
     assert all(isinstance(r, httpx.ConnectError) for r in run(go()))
+
+
+class FakeRuntime:
+    """Stands in for an onnxruntime session: row i of the output echoes input row i; each run takes ``delay`` s."""
+
+    variant, provider, model_file = "int8", "CPUExecutionProvider", Path("model_int8.onnx")
+
+    def __init__(self, delay: float):
+        self.delay, self.batches = delay, []
+
+    def run(self, pixels):
+        self.batches.append(len(pixels))
+        time.sleep(self.delay)
+        probs = pixels.reshape(len(pixels), -1)[:, :2].astype(np.float32)
+        return probs, np.zeros((len(pixels), 3), dtype=np.float32)
+
+
+def test_in_process_batching_merges_concurrent_calls_and_returns_each_callers_rows():
+    rt = FakeRuntime(delay=0.02)
+
+    async def go():
+        batching = InProcessBatching(Model(rt, "m:1"), max_batch_size=8, max_latency_ms=10_000)
+        inputs = [np.full((1 + i % 3, 2), i, dtype=np.uint8) for i in range(40)]
+        return inputs, await asyncio.gather(*(batching(x) for x in inputs))
+
+    inputs, outputs = run(go())
+    for x, out in zip(inputs, outputs, strict=True):
+        assert out.shape == (len(x), 5) and np.all(out[:, :2] == x)
+    assert max(rt.batches) <= 8 and sum(rt.batches) == sum(len(x) for x in inputs)
+    assert len(rt.batches) < len(inputs)  # batches were formed
+
+
+def test_in_process_batching_sheds_load_past_max_latency_as_service_unavailable():
+    rt = FakeRuntime(delay=0.1)
+
+    async def go():
+        batching = InProcessBatching(Model(rt, "m:1"), max_batch_size=2, max_latency_ms=150)
+        return await asyncio.gather(*(batching(np.zeros((1, 2), np.uint8)) for _ in range(30)), return_exceptions=True)
+
+    results = run(go())
+    shed = [r for r in results if isinstance(r, bentoml.exceptions.ServiceUnavailable)]
+    assert shed and all(isinstance(r, np.ndarray) or r in shed for r in results)
+    assert shed[0].error_code.value == 503  # the API answers 503 + Retry-After

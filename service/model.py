@@ -1,0 +1,77 @@
+"""A loaded model as the service runs it: one batch at a time, with metrics, batched by BentoML.
+
+Two placements (``IMGCLS_PLACEMENT``, chosen in :mod:`service.app`):
+
+- ``shared`` (the GPU default): one model service process; its batchable API calls :meth:`Model.infer`
+  with the batches BentoML's adaptive batching formed from every API worker's calls.
+- ``worker`` (the CPU default): every API worker holds a model, and :class:`InProcessBatching` batches
+  that worker's concurrent requests with BentoML's own adaptive batching dispatcher (``CorkDispatcher``,
+  the one behind ``@bentoml.api(batchable=True)``: same max batch size, max latency and load
+  shedding), without the HTTP hop. On the 2-core box the hop cost about 1.6 ms of CPU per image
+  (BentoML's HTTP stack on both ends, ~13.6 ms per request in all): in the worker, ResNet-18 int8
+  served 164 req/s at 16 users (p99 140 ms) against 134 req/s (p99 220 ms) through the hop.
+
+The batch runs in a thread, so the worker's event loop keeps reading and decoding uploads meanwhile
+(onnxruntime and Pillow release the GIL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import typing as t
+
+import bentoml
+import numpy as np
+
+# Internal module, but the very dispatcher BentoML's batchable APIs use; bentoml is pinned in pyproject.toml.
+from bentoml._internal.marshal.dispatcher import CorkDispatcher
+
+from service import metrics
+from service.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def _overloaded() -> t.NoReturn:
+    # What BentoML's server does when its dispatcher sheds a request: the API answers 503 + Retry-After.
+    raise bentoml.exceptions.ServiceUnavailable("process is overloaded")
+
+
+class Model:
+    """``infer(batch)``: one batch through the session, counted in the metrics."""
+
+    def __init__(self, runtime: Runtime, tag: str):
+        self.runtime, self.tag = runtime, tag
+        self.metrics = metrics.get()
+        info = {"model": tag, "variant": runtime.variant, "provider": runtime.provider}
+        self.metrics.model_info.labels(**info).set(1)
+        log.info("serving %s: %s on %s", tag, runtime.model_file.name, runtime.provider)
+
+    def infer(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] -> float32 [N, classes + embedding]: probabilities, then the embedding."""
+        start = time.perf_counter()
+        probs, embedding = self.runtime.run(pixels)
+        self.metrics.model_seconds.observe(time.perf_counter() - start)
+        self.metrics.batch_size.observe(len(pixels))
+        return np.concatenate([probs, embedding], axis=1)
+
+
+class InProcessBatching:
+    """``await batching(pixels)``: ``model.infer`` for ``pixels``, batched with this process's concurrent calls."""
+
+    def __init__(self, model: Model, max_batch_size: int, max_latency_ms: int):
+        self.model = model
+        self._dispatcher = CorkDispatcher(
+            max_latency_ms, max_batch_size, fallback=_overloaded, get_batch_size=len, batch_dim=(0, 0)
+        )
+        self._batched = self._dispatcher(self._run_batches)
+
+    async def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        return await self._batched(pixels)
+
+    async def _run_batches(self, batches: t.Sequence[np.ndarray]) -> list[np.ndarray]:
+        sizes = [len(b) for b in batches]
+        out = await asyncio.to_thread(self.model.infer, np.concatenate(batches))
+        return np.split(out, np.cumsum(sizes)[:-1])
