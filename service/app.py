@@ -303,5 +303,6 @@ Classifier.add_asgi_middleware(
     max_concurrency=settings.max_concurrency,
     timeout_s=settings.timeout_s,
     retry_after_s=settings.retry_after_s,
+    keepalive_requests=settings.keepalive_requests,
 )
 Classifier.mount_asgi_app(docs_redirect, path="/docs", name="docs")

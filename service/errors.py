@@ -5,11 +5,18 @@ never reach the handlers, cheaply and early: bodies over the size limit (from ``
 before reading them), more requests in flight than a worker should hold (503 + ``Retry-After``)
 and requests that run past the time limit (504). It also rewrites BentoML's own error bodies
 (validation errors, 404/405, the rare 500) into the same shape, so clients parse one format.
+
+It also closes a keep-alive connection after ``keepalive_requests`` requests (as nginx does). The
+API workers share one listening socket and the first to wake accepts every connection waiting, so
+a client opening a few connections at once (a proxy, a pool, Locust) can land them all on one
+worker while the others idle: seen on the 2-core box, 8 connections on one worker, half the
+throughput. The client reconnects and the least busy worker, first to wake, takes the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import typing as t
@@ -97,15 +104,20 @@ class RequestGuard:
         max_concurrency: int,
         timeout_s: float,
         retry_after_s: int = 1,
+        keepalive_requests: int = 0,
     ):
         self.app, self.paths = app, frozenset(paths)
         self.max_body_bytes, self.max_concurrency = max_body_bytes, max_concurrency
         self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
+        self.keepalive_requests = keepalive_requests
         self.in_flight = 0
+        self._served: collections.OrderedDict[tuple, int] = collections.OrderedDict()  # per client (host, port)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].rstrip("/") not in self.paths:
             return await self.app(scope, receive, send)
+        if self._last_on_connection(scope):
+            send = _closing_connection(send)
         if scope["method"] != "POST":
             return await self._rewriting(scope, receive, send)
         refusal, receive = await self._check_body(scope, receive)
@@ -123,6 +135,20 @@ class RequestGuard:
             await self._with_timeout(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+    def _last_on_connection(self, scope: Scope) -> bool:
+        """Count the request on its connection; True when it is to be the connection's last."""
+        client = scope.get("client")
+        if not self.keepalive_requests or not client:
+            return False
+        key = tuple(client)
+        served = self._served.pop(key, 0) + 1
+        if served >= self.keepalive_requests:
+            return True
+        self._served[key] = served
+        if len(self._served) > 4096:  # connections the clients closed themselves are never seen again
+            self._served.popitem(last=False)
+        return False
 
     async def _check_body(self, scope: Scope, receive: Receive) -> tuple[JSONResponse | None, Receive]:
         """Refuse an oversized body from its Content-Length; buffer (bounded) a body that has none."""
@@ -224,3 +250,14 @@ class RequestGuard:
             await send({"type": "http.response.body", "body": raw, "more_body": False})
 
         await self.app(scope, receive, send_rewriting)
+
+
+def _closing_connection(send: Send) -> Send:
+    """``send`` with ``Connection: close`` added to the response, so the server closes the connection after it."""
+
+    async def closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        await send(message)
+
+    return closing

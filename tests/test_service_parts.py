@@ -90,6 +90,15 @@ def test_slow_request_gets_504_in_our_shape():
     assert resp.json()["error"] == "timeout" and "IMGCLS_TIMEOUT_S" in resp.json()["detail"]
 
 
+def test_keepalive_connection_is_closed_after_its_request_quota():
+    async def go():
+        async with _guarded(_app(), keepalive_requests=3) as client:  # one client address: one connection
+            return [await client.post("/classify", content=b"x") for _ in range(6)]
+
+    closing = [r.headers.get("connection") == "close" for r in run(go())]
+    assert closing == [False, False, True, False, False, True]
+
+
 def test_foreign_error_bodies_are_rewritten_ours_pass_unchanged():
     validation = {"error": "1 validation error", "detail": [{"type": "missing", "loc": ["image"], "msg": "required"}]}
 
