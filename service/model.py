@@ -8,8 +8,9 @@ Two placements (``IMGCLS_PLACEMENT``, chosen in :mod:`service.app`):
   that worker's concurrent requests with BentoML's own adaptive batching dispatcher (``CorkDispatcher``,
   the one behind ``@bentoml.api(batchable=True)``: same max batch size, max latency and load
   shedding), without the HTTP hop. On the 2-core box the hop cost about 1.6 ms of CPU per image
-  (BentoML's HTTP stack on both ends, ~13.6 ms per request in all): in the worker, ResNet-18 int8
-  served 164 req/s at 16 users (p99 140 ms) against 134 req/s (p99 220 ms) through the hop.
+  (BentoML's HTTP stack at both ends, of ~13.6 ms per request in all). ResNet-18 int8, 500x375 JPEGs,
+  back-to-back runs of ``python -m loadtest.run --scenario compare``: 192 req/s within the SLO
+  (p99 100 ms) in the workers against 150 req/s (p99 170 ms) shared.
 
 A slow batch runs in a thread, so the worker's event loop keeps reading and decoding uploads meanwhile
 (onnxruntime and Pillow release the GIL); a fast one runs inline (see ``INLINE_BELOW_S``).

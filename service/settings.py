@@ -39,9 +39,7 @@ class Settings:
     ort_threads: int = 0  # onnxruntime intra-op threads per session; 0: cores / sessions
     ort_spin: bool = False  # let ORT threads spin between runs (burns CPU the decoders need)
     hop_in_flight: int = 2  # placement shared: hop calls one API worker has in flight; more share the next
-    keepalive_requests: int = (
-        100  # per keep-alive connection, then it is closed (spreads them over workers); 0: no limit
-    )
+    keepalive_requests: int = 100  # per connection, then it is closed (spreads them over workers); 0: no limit
     max_concurrency: int = 64  # in-flight requests per API worker before answering 503 + Retry-After
     timeout_s: float = 30.0  # per request, answered with 504
     retry_after_s: int = 1
@@ -87,6 +85,8 @@ class Settings:
         for name in ("max_body_bytes", "max_pixels", "max_files", "max_latency_ms", "max_concurrency"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"IMGCLS_{name.upper()} must be positive.")
+        if self.keepalive_requests < 0:
+            raise SettingsError("IMGCLS_KEEPALIVE_REQUESTS must be 0 (no limit) or positive.")
 
     @property
     def api_workers(self) -> int:

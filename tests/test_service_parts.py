@@ -146,6 +146,8 @@ def test_settings_from_env_and_clear_refusals():
         Settings.from_env({"IMGCLS_MAX_FILES": "many"})
     with pytest.raises(SettingsError, match="IMGCLS_PLACEMENT"):
         Settings.from_env({"IMGCLS_PLACEMENT": "gpu"})
+    with pytest.raises(SettingsError, match="IMGCLS_KEEPALIVE_REQUESTS"):
+        Settings.from_env({"IMGCLS_KEEPALIVE_REQUESTS": "-1"})
 
 
 def test_variant_choice_follows_device_and_respects_the_override():
