@@ -1,4 +1,4 @@
-"""Merging the concurrent model calls of one API worker into fewer hop requests.
+"""Placement "shared": merging the concurrent model calls of one API worker into fewer hop requests.
 
 Each hop request costs about 2-3 ms of CPU in BentoML's HTTP stack (measured on the 2-core box,
 mostly in the model service), whatever its batch size. Under load a worker holds many requests at

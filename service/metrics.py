@@ -33,7 +33,7 @@ def get() -> SimpleNamespace:
             f"{PREFIX}_preprocess_seconds", "Decode, resize and statistics of one image", buckets=DURATION_BUCKETS
         ),
         model_seconds=Histogram(
-            f"{PREFIX}_model_seconds", "onnxruntime time for one batch in the model service", buckets=DURATION_BUCKETS
+            f"{PREFIX}_model_seconds", "onnxruntime time for one model batch", buckets=DURATION_BUCKETS
         ),
         batch_size=Histogram(f"{PREFIX}_batch_size", "Images per model batch", buckets=BATCH_BUCKETS),
         model_info=Gauge(
