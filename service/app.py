@@ -50,6 +50,14 @@ from service.wire import NpyArray, from_npy
 log = logging.getLogger(__name__)
 
 settings = Settings.from_env()
+if bentoml.Tag.from_taglike(settings.model).version in (None, "latest"):
+    # Pin "latest" once, here in the process that starts the workers (they inherit the environment), so a
+    # model saved while the workers start cannot make them serve different versions.
+    try:
+        os.environ["IMGCLS_MODEL"] = str(bentoml.models.get(settings.model).tag)
+        settings = dataclasses.replace(settings, model=os.environ["IMGCLS_MODEL"])
+    except bentoml.exceptions.NotFound:
+        pass  # each service says so, with what to do, when it starts
 if "IMGCLS_MAX_BATCH_SIZE" not in os.environ and settings.device != "cpu" and runtime.gpu_present():
     settings = dataclasses.replace(settings, max_batch_size=128)  # fp16 on a big GPU peaks near batch 128
 # Decided when the service starts (not when the Bento is built: a Bento built here runs on a GPU machine).
