@@ -49,7 +49,7 @@ class Model:
     """``infer(batch)``: one batch through the session, counted in the metrics."""
 
     def __init__(self, runtime: Runtime, tag: str):
-        self.runtime, self.tag = runtime, tag
+        self.runtime = runtime
         self.metrics = metrics.get()
         info = {"model": tag, "variant": runtime.variant, "provider": runtime.provider}
         self.metrics.model_info.labels(**info).set(1)
