@@ -7,7 +7,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +57,7 @@ def log_files(path: str | os.PathLike) -> list[Path]:
 def parse_since(text: str, now: datetime | None = None) -> datetime:
     """A UTC time from ISO 8601 (``2025-01-31T12:00``) or a duration back from now (``30m``, ``24h``, ``7d``)."""
     match = _DURATION.match(text.strip().lower())
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     if match:
         return now - timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
     try:
@@ -66,7 +66,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
         raise LogError(
             f"--since {text!r} is neither an ISO 8601 time (2025-01-31T12:00) nor a duration like 24h"
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def read_log(

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from statistics import NormalDist
 
@@ -225,7 +225,7 @@ def drift_report(
             tests=[lte(auc_threshold)],
         ),
     ]
-    stamp = datetime.now(timezone.utc)
+    stamp = datetime.now(UTC)
     report = Report(metrics, include_tests=True, metadata={"notes": " ".join(notes)})
     # np.errstate: a constant column (every upload the same size) makes Evidently divide 0 by 0 in a correlation.
     with _embedding_plot_points(min(config.plot_points, 2500)), np.errstate(invalid="ignore", divide="ignore"):

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from loadtest import promscrape, report, servers
@@ -179,7 +179,7 @@ def benchmark(cfg: RunConfig, command: str) -> dict:
         folder, tag = model_folder(cfg.model)
     labels = cfg.labels or (str(folder / "labels.json") if folder else "")
     result = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
         "machine": report.machine_info(),
         "settings": {**asdict(cfg), "model": tag or f"{cfg.model} (as served at --host)"},

@@ -19,7 +19,6 @@ Settings: see :mod:`service.settings`.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import os
@@ -281,7 +280,7 @@ class Classifier:
                 raise ModelCallError(504, "timeout", MODEL_TIMEOUT) from exc
             log.error("model service failed: %s", exc)
             raise ModelCallError(500, "model_error", MODEL_FAILED) from exc
-        except (httpx.TimeoutException, aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, httpx.TimeoutException, aiohttp.ServerTimeoutError) as exc:
             raise ModelCallError(504, "timeout", MODEL_TIMEOUT) from exc
         except (httpx.TransportError, aiohttp.ClientError) as exc:  # the model process is restarting or gone
             log.error("model service unreachable: %r", exc)

@@ -201,8 +201,9 @@ class RequestGuard:
             await send(message)
 
         try:
-            await asyncio.wait_for(self._rewriting(scope, receive, send_tracking), self.timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.timeout_s):  # unlike wait_for, no task per request
+                await self._rewriting(scope, receive, send_tracking)
+        except TimeoutError:
             if started:  # too late for a clean error response; the client sees a cut connection
                 raise
             detail = f"The request was not processed within {self.timeout_s:g} s (IMGCLS_TIMEOUT_S); retry later."

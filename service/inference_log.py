@@ -15,7 +15,7 @@ import math
 import os
 import queue
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ def make_record(
     time: datetime | None = None,
 ) -> dict[str, Any]:
     """One log record in schema order."""
-    when = (time or datetime.now(timezone.utc)).isoformat(timespec="milliseconds")
+    when = (time or datetime.now(UTC)).isoformat(timespec="milliseconds")
     record: dict[str, Any] = {"v": SCHEMA_VERSION, "time": when, "request_id": request_id, "model": model}
     record["label"] = label
     record["confidence"] = round(float(confidence), 6)
@@ -155,7 +155,7 @@ class InferenceLogWriter:
     def _open_new(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
         self.path = self.folder / f"inference-{stamp}-{os.getpid()}.jsonl"
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._size = os.fstat(self._fd).st_size

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CLASSES = ("circle", "square", "triangle", "star")
 DIM = 16
-T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 def synthetic_rows(n: int, seed: int, brightness_shift: float = 0.0) -> pd.DataFrame:

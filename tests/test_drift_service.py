@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 def send(server, model: str, shift: str, n: int, seed: int) -> tuple[datetime, pd.DataFrame]:
     """Send ``n`` new demo images with ``shift``; wait until the service has logged them; return (start, rows)."""
-    start = datetime.now(timezone.utc)
+    start = datetime.now(UTC)
     result = simulate(server.url, demo_images(n, seed, model), shift, seed=seed, workers=4)
     assert result.ok == n, f"{result.errors}\n{server.output()[-3000:]}"
     deadline = time.monotonic() + 30  # the log writer flushes about every second

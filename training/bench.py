@@ -13,7 +13,7 @@ import logging
 import os
 import platform
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from service.artifacts import DEFAULT_MODEL_NAME, VARIANT_FILES, verify
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "input_size": PreprocessSpec.load(folder / SPEC_FILE).size,
         "note": "uint8 pixels at the model size, onnxruntime only (no decode/resize); one session per variant",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "rows": rows,
         "speedup_vs_fp32": ratios,
         "target": target,
