@@ -31,6 +31,7 @@ import aiohttp
 import bentoml
 import httpx
 import numpy as np
+from bentoml._internal.configuration.containers import BentoMLContainer
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, RedirectResponse
 
@@ -67,6 +68,10 @@ if not SHARED_MODEL and not settings.ort_threads:  # one session per worker: sha
     settings = dataclasses.replace(settings, ort_threads=max(1, settings.intra_op_threads // settings.api_workers))
 ImageBatchUpload.max_files = settings.max_files
 API_PATHS = ("/classify", "/classify_batch")
+# BentoML wraps every request in an OpenTelemetry span, exported only when an exporter is configured; unexported,
+# it cost about 8% of an API worker's CPU per request (py-spy, demo model). So the API routes skip it unless
+# IMGCLS_TRACING=1 (set it with BentoML's tracing configuration).
+TRACING = {} if settings.tracing else {"tracing": {"excluded_urls": list(API_PATHS)}}
 MODEL_BUSY = "The model is saturated; retry after the number of seconds in Retry-After."
 MODEL_TIMEOUT = "The model did not answer in time; retry later."
 MODEL_FAILED = "The model service failed; it is logged. Retry, or report it."
@@ -184,6 +189,7 @@ class ModelCallError(Exception):
     workers=settings.api_workers,  # one preprocessing worker per core unless IMGCLS_WORKERS
     traffic={"timeout": settings.timeout_s + 10},  # RequestGuard answers 504 first, in our error format
     logging={"access": {"enabled": settings.access_log}},
+    **TRACING,
 )
 class Classifier:
     """HTTP API: upload photos, get labels. Preprocessing runs here, in every worker."""
@@ -199,6 +205,8 @@ class Classifier:
         self.spec = PreprocessSpec.load(folder / SPEC_FILE)
         self.labels = load_labels(folder)
         self.metrics = metrics.get()
+        if not settings.tracing and BentoMLContainer.config.tracing.exporter_type.get():
+            log.warning("a tracing exporter is configured, but the API routes are traced only with IMGCLS_TRACING=1")
         self.inference_log = InferenceLogWriter(settings.log_dir, max_bytes=settings.log_max_bytes)
         if SHARED_MODEL:
             self.predict = Coalescer(self._call_model, settings.max_batch_size, settings.hop_in_flight)

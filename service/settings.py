@@ -44,6 +44,7 @@ class Settings:
     timeout_s: float = 30.0  # per request, answered with 504
     retry_after_s: int = 1
     access_log: bool = True  # BentoML's per-request log line in the API workers
+    tracing: bool = False  # BentoML's OpenTelemetry spans for the API routes (see app.py); off: they skip it
     warmup_runs: int = 2
 
     @classmethod
