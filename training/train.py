@@ -98,7 +98,7 @@ def train(cfg, model: Classifier, train_set: Images, val_set: Images, spec: Prep
             bar = tqdm(
                 range(0, len(order), cfg.batch_size),
                 desc=f"epoch {epoch}/{cfg.epochs}",
-                disable=not cfg.progress,
+                disable=None if cfg.progress else True,  # None: only on a terminal (each epoch is also logged)
                 leave=False,
                 unit="batch",
             )
