@@ -88,8 +88,8 @@ class InProcessBatching:
         return np.split(out, np.cumsum(sizes)[:-1])
 
     def _timed_infer(self, pixels: np.ndarray) -> np.ndarray:
-        # Timed where it runs: the wait for the event loop to pick the result up is not the batch's cost
-        # (timing the await kept a loaded worker in thread mode for good).
+        # Timed where it runs: timing the await also counted the wait for a busy event loop to pick the result
+        # up, which is not the batch's cost and kept a loaded worker choosing the thread.
         start = time.perf_counter()
         out = self.model.infer(pixels)
         self._last_batch_s = time.perf_counter() - start
