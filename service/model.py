@@ -54,12 +54,14 @@ class Model:
         info = {"model": tag, "variant": runtime.variant, "provider": runtime.provider}
         self.metrics.model_info.labels(**info).set(1)
         log.info("serving %s: %s on %s", tag, runtime.model_file.name, runtime.provider)
+        self.last_seconds = 0.0  # how long the last batch took in the session
 
     def infer(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] -> float32 [N, classes + embedding]: probabilities, then the embedding."""
         start = time.perf_counter()
         probs, embedding = self.runtime.run(pixels)
-        self.metrics.model_seconds.observe(time.perf_counter() - start)
+        self.last_seconds = time.perf_counter() - start
+        self.metrics.model_seconds.observe(self.last_seconds)
         self.metrics.batch_size.observe(len(pixels))
         return np.concatenate([probs, embedding], axis=1)
 
@@ -73,7 +75,6 @@ class InProcessBatching:
             max_latency_ms, max_batch_size, fallback=_overloaded, get_batch_size=len, batch_dim=(0, 0)
         )
         self._batched = self._dispatcher(self._run_batches)
-        self._last_batch_s = 0.0
 
     async def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return await self._batched(pixels)
@@ -81,16 +82,10 @@ class InProcessBatching:
     async def _run_batches(self, batches: t.Sequence[np.ndarray]) -> list[np.ndarray]:
         sizes = [len(b) for b in batches]
         pixels = np.concatenate(batches)
-        if self._last_batch_s < INLINE_BELOW_S:
-            out = self._timed_infer(pixels)
+        # The batch's own time, not the await's: that would count the wait for a busy event loop to pick the
+        # result up, and keep a loaded worker choosing the thread.
+        if self.model.last_seconds < INLINE_BELOW_S:
+            out = self.model.infer(pixels)
         else:
-            out = await asyncio.to_thread(self._timed_infer, pixels)
+            out = await asyncio.to_thread(self.model.infer, pixels)
         return np.split(out, np.cumsum(sizes)[:-1])
-
-    def _timed_infer(self, pixels: np.ndarray) -> np.ndarray:
-        # Timed where it runs: timing the await also counted the wait for a busy event loop to pick the result
-        # up, which is not the batch's cost and kept a loaded worker choosing the thread.
-        start = time.perf_counter()
-        out = self.model.infer(pixels)
-        self._last_batch_s = time.perf_counter() - start
-        return out
