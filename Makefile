@@ -38,7 +38,7 @@ test: setup system-deps ## set up and run every test (GPU tests skip without a G
 	$(BIN)/pytest
 
 bench: setup ## model-stage benchmark, then the full load-test comparison against the FastAPI baseline
-	$(PY) -m training.bench
+	$(PY) -m loadtest.modelbench
 	$(PY) -m loadtest.run --compare
 
 lint: setup ## format and lint

@@ -1,80 +1,124 @@
-"""`python -m drift`: judge the inference log against the model's training reference.
-
-Exit code 0: no drift; 1: drift; 2: cannot judge (no log, too few rows, several models, no reference).
-"""
+"""`python -m drift`: judge the inference log against the training reference of the model variant that served it."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from drift.logread import LogError, parse_since, read_log
-from drift.promfile import render, write_textfile
+from drift.promfile import push, registry, write_textfile
 from drift.reference import ReferenceError, load_reference
 from drift.report import DriftConfig, NotEnoughData, drift_report, summary_table
+from imgcls.inference_log import PRODUCTION, default_log_dir
+from imgcls.model_files import VARIANTS
 
 EXIT_OK, EXIT_DRIFT, EXIT_CANNOT_JUDGE = 0, 1, 2
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}  no drift
+  {EXIT_DRIFT}  drift: a feature, the predicted labels or the embeddings moved (see the report)
+  {EXIT_CANNOT_JUDGE}  cannot judge: no log, too few rows, several models or variants in the window, no reference
+"""
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, read the log and the reference, run the report; returns the exit code."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = DriftConfig()
-    p = argparse.ArgumentParser(prog="python -m drift", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m drift",
+        description=__doc__.splitlines()[0].split(": ", 1)[1],
+        epilog=EXIT_CODES,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=32),
+    )
     p.add_argument(
         "--log-dir",
-        default=os.environ.get("IMGCLS_LOG_DIR", "inference_log"),
-        help="inference-log folder or file (default: $IMGCLS_LOG_DIR, else ./inference_log as the service)",
+        type=Path,
+        default=default_log_dir(),
+        help="inference-log folder (or one file); per-pod subfolders are read too (default: %(default)s, from "
+        "IMGCLS_LOG_DIR or BENTOML_HOME, as the service resolves it)",
     )
     p.add_argument("--since", help="only rows from this time on: ISO 8601 (2025-01-31T12:00) or a duration (24h, 7d)")
     p.add_argument("--last", type=int, help="only the newest N rows (after --since)")
     p.add_argument("--model", help="judge this model tag only (needed when the window holds several)")
+    p.add_argument("--variant", choices=VARIANTS, help="judge this model variant only (needed when it holds several)")
+    p.add_argument(
+        "--source",
+        action="append",
+        dest="sources",
+        metavar="NAME",
+        help=f"judge traffic of this source (repeatable; default: {PRODUCTION} only, so load tests and simulations, "
+        "marked with X-Traffic-Source, stay out)",
+    )
+    p.add_argument("--all-sources", action="store_true", help="judge every traffic source together")
     p.add_argument("--reference", type=Path, help="reference parquet to use instead of the one stored with the model")
-    p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: ./reports)")
+    p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: %(default)s)")
     p.add_argument("--prom-file", type=Path, help="Prometheus text file (default: OUT/drift.prom)")
-    p.add_argument("--min-rows", type=int, default=defaults.min_rows, help=f"default {defaults.min_rows}")
+    p.add_argument("--pushgateway", metavar="URL", help="also push the figures to this Prometheus Pushgateway")
+    p.add_argument("--min-rows", type=int, default=defaults.min_rows, help="fewer rows cannot be judged (%(default)s)")
     p.add_argument(
         "--max-rows",
         type=int,
         default=defaults.max_rows,
-        help=f"rows per side above which tables are sampled (default {defaults.max_rows})",
+        help="rows per side above which tables are sampled (%(default)s)",
     )
-    p.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed (%(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, read the log and the reference, run the report; returns the exit code."""
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = DriftConfig(min_rows=args.min_rows, max_rows=args.max_rows, seed=args.seed)
+    sources = None if args.all_sources else frozenset(args.sources or [PRODUCTION])
     prom_file = args.prom_file or args.out / "drift.prom"
 
-    data = None
+    data = result = None
     try:
-        if not args.log_dir:
-            raise LogError("no inference log given: pass --log-dir or set IMGCLS_LOG_DIR")
         since = parse_since(args.since) if args.since else None
-        data = read_log(args.log_dir, since=since, last=args.last, model=args.model)
+        data = read_log(args.log_dir, since, args.last, args.model, args.variant, sources)
         print(
-            f"log: {data.lines:,} lines in {len(data.files)} files, {data.skipped:,} skipped (corrupt or "
-            f"truncated), {data.outside_window:,} outside the window, {data.other_models:,} of other models"
+            f"log {args.log_dir}: {data.lines:,} lines in {len(data.files)} files, {data.skipped:,} skipped (corrupt "
+            f"or truncated), {data.outside_window:,} outside the window, {data.other_sources:,} of other traffic "
+            f"sources, {data.other_models:,} of other models or variants"
         )
         if data.model is None:
-            raise NotEnoughData(f"no valid rows in the window; at least {config.min_rows} are needed")
-        reference = load_reference(path=args.reference) if args.reference else load_reference(data.model)
-        notes = [f"Model {data.model}; log {args.log_dir}."]
+            shown = ", ".join(f"{k} ({v})" for k, v in data.sources.items()) or "none"
+            raise NotEnoughData(
+                f"no valid rows of {', '.join(sorted(sources)) if sources else 'any source'} in the window "
+                f"(sources found: {shown}); at least {config.min_rows} are needed"
+            )
+        if args.reference:
+            reference = load_reference(path=args.reference)
+        else:
+            reference = load_reference(data.model, args.variant or data.variant)
+        notes = [f"Model {data.model} ({data.variant or 'variant not logged'}); log {args.log_dir}."]
         if data.skipped:
             notes.append(f"{data.skipped:,} of {data.lines:,} log lines were skipped as corrupt or truncated.")
+        if data.other_sources:
+            notes.append(f"{data.other_sources:,} rows of other traffic sources were left out ({data.sources}).")
         result = drift_report(reference, data.frame, args.out, config, notes=notes)
     except (LogError, ReferenceError, NotEnoughData, ValueError) as e:
         print(f"cannot judge drift: {e}", file=sys.stderr)
-        model = data.model if data else None
-        rows = len(data.frame) if data else 0
-        write_textfile(prom_file, render(None, model, data.skipped if data else 0, rows))
-        return EXIT_CANNOT_JUDGE
 
-    write_textfile(prom_file, render(result, data.model, data.skipped))
+    judged = data is not None and len(data.frame) > 0
+    unfamiliar = float(data.frame["unfamiliar"].mean()) if judged else float("nan")
+    figures = registry(result, data.model if data else None, data.skipped if data else 0,
+                       len(data.frame) if data else 0, unfamiliar)  # fmt: skip
+    write_textfile(prom_file, figures)
+    if args.pushgateway:
+        try:
+            push(args.pushgateway, figures, data.model if data else None)
+            print(f"pushed to {args.pushgateway}")
+        except OSError as exc:
+            print(f"could not push to the Pushgateway {args.pushgateway}: {exc}", file=sys.stderr)
+            return EXIT_CANNOT_JUDGE
+    if result is None:
+        return EXIT_CANNOT_JUDGE
     print(summary_table(result))
     for note in result.notes[1:]:
         print(note)
+    print(f"unfamiliar images in the window: {100 * unfamiliar:.1f}%")
     print(
         f"dataset drift (share of drifted columns {result.drifted_share:.2f} >= {config.drift_share}): "
         f"{'yes' if result.dataset_drift else 'no'}"

@@ -1,4 +1,5 @@
-"""Read the inference log into a table: validate every line, count the bad ones, pick a window, refuse mixed models."""
+"""Read the inference log into a table: validate every line, count the bad ones, pick a window and the traffic
+sources to judge, refuse a window that mixes models or variants (each has its own reference)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from service.imagestats import STAT_FIELDS
-from service.inference_log import EMBEDDING_PREFIX, parse_line
+from imgcls.imagestats import STAT_FIELDS
+from imgcls.inference_log import EMBEDDING_PREFIX, PRODUCTION, log_files, parse_line
 
 log = logging.getLogger(__name__)
 
-_ROTATED = re.compile(r"\.jsonl(\.\d+)?$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -31,27 +31,29 @@ class LogError(RuntimeError):
 class LogData:
     """The usable rows of the log and what was left out of them."""
 
-    frame: pd.DataFrame  # time, model, label, confidence, STAT_FIELDS, emb_0..emb_{E-1}; oldest first
+    frame: pd.DataFrame  # time, model, variant, source, label, confidence, ood_score, unfamiliar (1/0), STAT_FIELDS,
+    # emb_*; oldest first
     model: str | None  # the one model tag of the rows (None when there are no rows)
     files: list[Path]
+    variant: str | None = None  # the one variant of the rows (None when there are no rows, or version 1 lines)
     lines: int = 0  # non-empty lines read
     skipped: int = 0  # corrupt, truncated or invalid lines
     outside_window: int = 0  # valid rows left out by --since / --last
-    other_models: int = 0  # valid rows of models other than --model
+    other_sources: int = 0  # valid rows of traffic sources not judged (load tests, simulations)
+    other_models: int = 0  # valid rows of models (or variants) other than --model (--variant)
     models: dict[str, int] = field(default_factory=dict)  # rows per model tag in the window
+    sources: dict[str, int] = field(default_factory=dict)  # rows per traffic source in the window
 
 
-def log_files(path: str | os.PathLike) -> list[Path]:
-    """The log files to read: ``path`` itself, or every ``*.jsonl`` and rotated ``*.jsonl.N`` in that folder."""
+def find_log_files(path: str | os.PathLike) -> list[Path]:
+    """The log files under ``path`` (a file, a folder, or a folder of per-pod folders); LogError if none exists."""
     path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
+    if not path.exists():
         raise LogError(
             f"inference log folder {path} does not exist: pass --log-dir (or set IMGCLS_LOG_DIR) to the "
             "folder the service writes to."
         )
-    return sorted(p for p in path.iterdir() if p.is_file() and _ROTATED.search(p.name))
+    return log_files(path)
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
@@ -74,14 +76,17 @@ def read_log(
     since: datetime | None = None,
     last: int | None = None,
     model: str | None = None,
+    variant: str | None = None,
+    sources: frozenset[str] | None = frozenset({PRODUCTION}),
 ) -> LogData:
-    """Read every log file under ``path`` and return the valid rows in the window for one model.
+    """Read every log file under ``path`` and return the valid rows in the window for one model and variant.
 
     Bad lines (torn by a crash, corrupted, missing fields, non-finite numbers, wrong embedding length)
-    are skipped and counted. Rows of several model tags are refused unless ``model`` picks one, since
-    each model has its own reference.
+    are skipped and counted. Only rows of ``sources`` are judged (None: every source), so load tests and
+    simulations stay out of production's window. Rows of several model tags or variants are refused unless
+    ``model`` / ``variant`` picks one, since each has its own reference.
     """
-    files = log_files(path)
+    files = find_log_files(path)
     if not files:
         raise LogError(f"no inference log files (*.jsonl) in {path}: is the service writing there (IMGCLS_LOG_DIR)?")
     records, lines, skipped = [], 0, 0
@@ -115,6 +120,11 @@ def read_log(
         keep = frame["time"] >= pd.Timestamp(since)
         data.outside_window += int((~keep).sum())
         frame = frame[keep]
+    data.sources = {str(k): int(v) for k, v in frame["source"].value_counts().items()}
+    if sources is not None:
+        keep = frame["source"].isin(sources)
+        data.other_sources = int((~keep).sum())
+        frame = frame[keep]
     counts = frame["model"].value_counts()
     data.models = {str(k): int(v) for k, v in counts.items()}
     if model is not None:
@@ -130,26 +140,41 @@ def read_log(
             f"the log window holds predictions of {len(counts)} models: {found}. Each model has its own reference, "
             "so they cannot be judged together: pass --model TAG to pick one (or --since to start after the switch)."
         )
+    variants = frame["variant"].value_counts()
+    if variant is not None:
+        keep = frame["variant"] == variant
+        data.other_models += int((~keep).sum())
+        frame = frame[keep]
+    elif len(variants) > 1:
+        found = ", ".join(f"{k} ({v} rows)" for k, v in variants.items())
+        raise LogError(
+            f"the log window holds predictions of several model variants: {found}. Each variant has its own "
+            "reference: pass --variant to pick one."
+        )
     if last is not None and len(frame) > last:
         data.outside_window += len(frame) - last
         frame = frame.iloc[len(frame) - last :]
     data.frame = frame.reset_index(drop=True)
     data.model = str(frame["model"].iloc[0]) if len(frame) else None
+    if len(frame) and frame["variant"].iloc[0] != "":
+        data.variant = str(frame["variant"].iloc[0])
     return data
 
 
 def _to_frame(records: list[dict]) -> pd.DataFrame:
     """Records as a table sorted by time, with the embedding spread over ``emb_*`` columns."""
     n, dim = len(records), len(records[0]["embedding"])
-    numbers = np.empty((n, 1 + len(STAT_FIELDS)), dtype=np.float64)
+    numbers = np.empty((n, 3 + len(STAT_FIELDS)), dtype=np.float64)
     embeddings = np.empty((n, dim), dtype=np.float32)
     for i, r in enumerate(records):
         numbers[i, 0] = r["confidence"]
-        numbers[i, 1:] = [r[k] for k in STAT_FIELDS]
+        numbers[i, 1] = np.nan if r["ood_score"] is None else r["ood_score"]
+        numbers[i, 2] = np.nan if r["unfamiliar"] is None else float(r["unfamiliar"])
+        numbers[i, 3:] = [r[k] for k in STAT_FIELDS]
         embeddings[i] = r["embedding"]
-    frame = pd.DataFrame(numbers, columns=["confidence", *STAT_FIELDS])
-    frame.insert(0, "label", pd.Series([r["label"] for r in records], dtype=object))
-    frame.insert(0, "model", pd.Series([str(r["model"]) for r in records], dtype=object))
+    frame = pd.DataFrame(numbers, columns=["confidence", "ood_score", "unfamiliar", *STAT_FIELDS])
+    for column in ("label", "source", "variant", "model"):
+        frame.insert(0, column, pd.Series([str(r[column] or "") for r in records], dtype=object))
     frame.insert(0, "time", pd.to_datetime([r["time"] for r in records], utc=True, format="ISO8601"))
     emb = pd.DataFrame(embeddings, columns=[f"{EMBEDDING_PREFIX}{j}" for j in range(dim)])
     frame = pd.concat([frame, emb], axis=1)

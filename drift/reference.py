@@ -1,4 +1,4 @@
-"""Load the drift reference that training stored with a model in the BentoML model store."""
+"""Load the drift reference that training stored with a model, for the variant that served the traffic."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from service.artifacts import REFERENCE_FILE
-from service.imagestats import STAT_FIELDS
-from service.inference_log import EMBEDDING_PREFIX
+from imgcls.imagestats import STAT_FIELDS
+from imgcls.inference_log import EMBEDDING_PREFIX
+from imgcls.model_files import reference_file
 
 log = logging.getLogger(__name__)
 
@@ -18,19 +18,17 @@ class ReferenceError(RuntimeError):
     """The reference of a model cannot be found or read; the message says what to do."""
 
 
-def reference_path(tag: str) -> Path:
-    """Where the reference table of model ``tag`` lies in the BentoML model store."""
+def model_folder(tag: str) -> Path:
+    """Where model ``tag`` lies in the BentoML model store."""
     import bentoml
-    from bentoml.exceptions import NotFound
 
     try:
-        model = bentoml.models.get(tag)
-    except NotFound:
+        return Path(bentoml.models.get(tag).path)
+    except bentoml.exceptions.NotFound:
         raise ReferenceError(
-            f"model {tag} (named in the inference log) is not in the BentoML model store; run the drift job where "
-            "that model is stored (same BENTOML_HOME), or import it with `bentoml models import`."
+            f"model {tag} is not in the BentoML model store; run the drift job where that model is stored (same "
+            "BENTOML_HOME), or import it with `bentoml models import`."
         ) from None
-    return Path(model.path) / REFERENCE_FILE
 
 
 def embedding_columns(frame: pd.DataFrame) -> list[str]:
@@ -39,13 +37,19 @@ def embedding_columns(frame: pd.DataFrame) -> list[str]:
     return sorted(cols, key=lambda c: int(c[len(EMBEDDING_PREFIX) :]))
 
 
-def load_reference(tag: str | None = None, path: str | Path | None = None) -> pd.DataFrame:
-    """The reference table (statistics, label, confidence, ``emb_*``) of model ``tag``, or from ``path``."""
-    path = Path(path) if path is not None else reference_path(tag)
+def load_reference(tag: str | None = None, variant: str | None = None, path: str | Path | None = None) -> pd.DataFrame:
+    """The reference table (statistics, label, confidence, ood_score, ``emb_*``) of model ``tag`` as ``variant``
+    computes it, or the table in ``path``."""
+    if path is None:
+        if not variant:
+            raise ReferenceError(
+                "the log lines do not say which model variant served them (written by an older service): "
+                "pass --variant fp32, fp16 or int8."
+            )
+        path = model_folder(tag) / reference_file(variant)
+    path = Path(path)
     if not path.exists():
-        raise ReferenceError(
-            f"{path} is missing: the model was saved without a drift reference. Re-run training to store one."
-        )
+        raise ReferenceError(f"{path} is missing: the model was saved without this reference. Re-run training.")
     frame = pd.read_parquet(path)
     missing = [c for c in (*STAT_FIELDS, "label", "confidence") if c not in frame.columns]
     if missing or not embedding_columns(frame):

@@ -1,9 +1,10 @@
-"""The Evidently 0.7 drift report: image statistics, predicted label, confidence and embeddings against the reference.
+"""The Evidently 0.7 drift report: image statistics, predicted label, confidence, unfamiliarity and embeddings
+against the reference.
 
-The decision rule, and why. Each of the 9 image statistics, the confidence and the predicted label is
-tested on its own (Kolmogorov-Smirnov for numbers, chi-square for the label). The statistics are
-strongly correlated (brightness, contrast, entropy, ...), and "any column at p < 0.05" over 11 columns
-alarms on a good share of healthy windows, so each column is judged at ``alpha / 11`` (Bonferroni):
+The decision rule, and why. Each of the 9 image statistics, the confidence, the unfamiliarity score and the
+predicted label is tested on its own (Kolmogorov-Smirnov for numbers, chi-square for the label). The
+statistics are strongly correlated (brightness, contrast, entropy, ...), and "any column at p < 0.05" over 12
+columns alarms on a good share of healthy windows, so each column is judged at ``alpha / 12`` (Bonferroni):
 the chance that any column alarms on in-distribution data stays at or below ``alpha`` whatever the
 correlation. The embeddings are judged by Evidently's classifier method: a linear model learns to
 tell reference from current rows on one half and is scored (ROC AUC) on the other; with no drift the
@@ -15,7 +16,6 @@ Evidently's own "dataset drift" (share of drifted columns >= ``drift_share``) is
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import logging
@@ -29,26 +29,27 @@ import numpy as np
 import pandas as pd
 
 from drift.reference import embedding_columns
-from service.imagestats import STAT_FIELDS
+from imgcls.imagestats import STAT_FIELDS
 
 log = logging.getLogger(__name__)
 
-NUMERIC_COLUMNS = (*STAT_FIELDS, "confidence")
+NUMERIC_COLUMNS = (*STAT_FIELDS, "confidence", "ood_score")
 COLUMNS = (*NUMERIC_COLUMNS, "label")
 EMBEDDING_NAME = "embedding"
-LOG_DECIMALS, LOG_EMBEDDING_DECIMALS = 6, 5  # as service.inference_log.make_record writes them
+#: As imgcls.inference_log.make_record writes them.
+LOG_DECIMALS = {**dict.fromkeys(STAT_FIELDS, 6), "confidence": 6, "ood_score": 4}
+LOG_EMBEDDING_DECIMALS = 5
 
 
 @dataclass
 class DriftConfig:
     """How the drift job judges; the defaults are what `python -m drift` uses."""
 
-    alpha: float = 0.02  # family-wise false-alarm rate of the 11 column tests (Bonferroni-split)
+    alpha: float = 0.02  # family-wise false-alarm rate of the column tests (Bonferroni-split)
     embedding_alpha: float = 0.01  # false-alarm rate of the embedding test
     drift_share: float = 0.5  # Evidently's dataset drift: this share of columns drifted
     min_rows: int = 100  # fewer current rows cannot be judged (exit code 2)
     max_rows: int = 20_000  # per side; larger tables are sampled (and the report says so)
-    plot_points: int = 1000  # per side, for the embedding map (t-SNE: its cost grows fast with points)
     seed: int = 0  # for sampling
 
 
@@ -132,12 +133,12 @@ def _two_sample_chi2(reference: pd.Series, current: pd.Series, feature_type, thr
 
 
 def _register_label_test() -> None:
-    from evidently.legacy.calculations.stattests.registry import StatTest, _registered_stat_tests, register_stattest
+    """Make the two-sample test known to Evidently by name (registering it again replaces it with itself)."""
+    from evidently.legacy.calculations.stattests.registry import StatTest, register_stattest
     from evidently.legacy.core import ColumnType
 
-    if LABEL_TEST not in _registered_stat_tests:
-        test = StatTest(LABEL_TEST, "two-sample chi-square p_value", [ColumnType.Categorical], 0.05)
-        register_stattest(test, _two_sample_chi2)
+    test = StatTest(LABEL_TEST, "two-sample chi-square p_value", [ColumnType.Categorical], 0.05)
+    register_stattest(test, _two_sample_chi2)
 
 
 def _sample(frame: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
@@ -145,20 +146,6 @@ def _sample(frame: pd.DataFrame, cap: int, seed: int) -> pd.DataFrame:
         return frame
     idx = np.sort(np.random.default_rng(seed).choice(len(frame), size=cap, replace=False))
     return frame.iloc[idx]
-
-
-@contextlib.contextmanager
-def _embedding_plot_points(n: int):
-    """Evidently draws its embedding map from a fixed 2,500 rows per side through t-SNE (about 15 s on 2 cores);
-    the map is only a picture, so it is drawn from fewer points. The test itself uses every row."""
-    from evidently.legacy.metrics.data_drift import embeddings_drift
-
-    old = embeddings_drift.SAMPLE_CONSTANT
-    embeddings_drift.SAMPLE_CONSTANT = n
-    try:
-        yield
-    finally:
-        embeddings_drift.SAMPLE_CONSTANT = old
 
 
 def drift_report(
@@ -171,9 +158,8 @@ def drift_report(
 ) -> DriftResult:
     """Build and run the Evidently report of ``current`` against ``reference``; save HTML + JSON under ``out_dir``."""
     from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import DriftedColumnsCount, EmbeddingsDrift, ValueDrift
+    from evidently.metrics import DriftedColumnsCount, ValueDrift
     from evidently.metrics.embeddings import ModelDriftMethod
-    from evidently.tests import lte
 
     _register_label_test()
     config = config or DriftConfig()
@@ -189,27 +175,28 @@ def drift_report(
             f"the log has {len(embedding_columns(current))} embedding values per row but the reference has "
             f"{len(emb)}: the log and the reference come from different models."
         )
-    cols = [*COLUMNS, *emb]
+    # Lines of a service without the unfamiliar-image score (schema version 1) leave that column out.
+    columns = tuple(c for c in COLUMNS if c in reference.columns and c in current.columns and current[c].notna().all())
+    numeric = [c for c in columns if c in NUMERIC_COLUMNS]
+    cols = [*columns, *emb]
     ref = _sample(reference[cols], config.max_rows, config.seed).reset_index(drop=True)
     cur = _sample(current[cols], config.max_rows, config.seed + 1).reset_index(drop=True)
     for side, used, total in (("current", len(cur), len(current)), ("reference", len(ref), len(reference))):
         if used < total:
             notes.append(f"The {side} table was sampled: {used:,} of {total:,} rows (seed {config.seed}).")
-    # The log rounds statistics and confidence to 6 decimals and embeddings to 5; round both sides alike, or a
-    # discrete column such as aspect_ratio (4/3 in the reference, 1.333333 in the log) never matches.
+    # The log rounds each number (make_record); round both sides alike, or a discrete column such as
+    # aspect_ratio (4/3 in the reference, 1.333333 in the log) never matches.
     for frame in (ref, cur):
         frame["label"] = frame["label"].astype(str)
-        frame[list(NUMERIC_COLUMNS)] = frame[list(NUMERIC_COLUMNS)].astype(float).round(LOG_DECIMALS)
+        frame[numeric] = frame[numeric].astype(float).round({c: LOG_DECIMALS[c] for c in numeric})
         frame[emb] = frame[emb].astype(float).round(LOG_EMBEDDING_DECIMALS)
 
-    column_threshold = config.alpha / len(COLUMNS)
+    column_threshold = config.alpha / len(columns)
     auc_threshold = embedding_auc_threshold(len(ref), len(cur), config.embedding_alpha)
-    definition = DataDefinition(
-        numerical_columns=list(NUMERIC_COLUMNS), categorical_columns=["label"], embeddings={EMBEDDING_NAME: emb}
-    )
+    definition = DataDefinition(numerical_columns=numeric, categorical_columns=["label"])
     metrics = [
         DriftedColumnsCount(
-            columns=list(COLUMNS),
+            columns=list(columns),
             num_method="ks",
             cat_method=LABEL_TEST,
             threshold=column_threshold,
@@ -217,26 +204,26 @@ def drift_report(
         ),
         *(
             ValueDrift(column=c, method=LABEL_TEST if c == "label" else "ks", threshold=column_threshold)
-            for c in COLUMNS
-        ),
-        EmbeddingsDrift(
-            embeddings_name=EMBEDDING_NAME,
-            drift_method=ModelDriftMethod(threshold=auc_threshold, bootstrap=False),
-            tests=[lte(auc_threshold)],
+            for c in columns
         ),
     ]
     stamp = datetime.now(UTC)
     report = Report(metrics, include_tests=True, metadata={"notes": " ".join(notes)})
     # np.errstate: a constant column (every upload the same size) makes Evidently divide 0 by 0 in a correlation.
-    with _embedding_plot_points(min(config.plot_points, 2500)), np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):
         snapshot = report.run(
-            Dataset.from_pandas(cur, data_definition=definition),
-            Dataset.from_pandas(ref, data_definition=definition),
+            Dataset.from_pandas(cur[list(columns)], data_definition=definition),
+            Dataset.from_pandas(ref[list(columns)], data_definition=definition),
             timestamp=stamp.replace(tzinfo=None),
             name=name,
         )
+    # Evidently's classifier method, called directly: its report widget would add a t-SNE map of the embeddings
+    # (about 15 s on 2 cores) that says less than the score.
+    embedding_score, embedding_drift, _ = ModelDriftMethod(threshold=auc_threshold, bootstrap=False)(
+        cur[emb].copy(), ref[emb].copy()
+    )
     evidently = snapshot.dict()
-    result = _summarise(evidently, config, auc_threshold, column_threshold)
+    result = _summarise(evidently, config, column_threshold, auc_threshold, embedding_score, embedding_drift)
     result.rows_current, result.rows_reference = len(cur), len(ref)
     result.rows_current_total, result.rows_reference_total = len(current), len(reference)
     result.timestamp = stamp.isoformat(timespec="seconds")
@@ -258,10 +245,17 @@ def drift_report(
     return result
 
 
-def _summarise(evidently: dict, config: DriftConfig, auc_threshold: float, column_threshold: float) -> DriftResult:
-    """The verdict and per-column results from the snapshot's metrics and tests."""
+def _summarise(
+    evidently: dict,
+    config: DriftConfig,
+    column_threshold: float,
+    auc_threshold: float,
+    embedding_score: float,
+    embedding_drift: bool,
+) -> DriftResult:
+    """The verdict and per-column results from the snapshot's metrics and tests, and the embedding test."""
     failed = {t["metric_config"]["metric_id"] for t in evidently["tests"] if t["status"] == "FAIL"}
-    columns, embedding_score, embedding_drift, drifted_share = [], float("nan"), False, 0.0
+    columns, drifted_share = [], 0.0
     for m in evidently["metrics"]:
         kind = m["config"]["type"]
         if kind.endswith("ValueDrift"):
@@ -269,19 +263,18 @@ def _summarise(evidently: dict, config: DriftConfig, auc_threshold: float, colum
             columns.append(
                 ColumnDrift(c["column"], c["method"], float(m["value"]), column_threshold, m["id"] in failed)
             )
-        elif kind.endswith("EmbeddingsDrift"):
-            embedding_score = float(m["value"])
-            embedding_drift = m["id"] in failed
         elif kind.endswith("DriftedColumnsCount"):
             drifted_share = float(m["value"]["share"])
-    columns.append(ColumnDrift(EMBEDDING_NAME, "model AUC", embedding_score, auc_threshold, embedding_drift))
+    columns.append(
+        ColumnDrift(EMBEDDING_NAME, "model AUC", float(embedding_score), auc_threshold, bool(embedding_drift))
+    )
     return DriftResult(
         drift=any(c.drifted for c in columns),
         dataset_drift=drifted_share >= config.drift_share,
         drifted_share=drifted_share,
-        embedding_score=embedding_score,
+        embedding_score=float(embedding_score),
         embedding_threshold=auc_threshold,
-        embedding_drift=embedding_drift,
+        embedding_drift=bool(embedding_drift),
         columns=columns,
         rows_current=0,
         rows_reference=0,

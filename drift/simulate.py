@@ -24,11 +24,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
+from drift.reference import model_folder
+from imgcls.demo_images import CLASSES, DemoParams, render
+from imgcls.model_files import CONFIG_FILE, DEFAULT_MODEL, load_labels
+from imgcls.preprocess import IMAGE_SUFFIXES
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "image-classifier:latest"
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+#: What the simulator marks its requests with (X-Traffic-Source): the drift job leaves them out unless asked.
+SOURCE = "simulation"
 
 
 def _brightness(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -117,7 +121,7 @@ def find_images(folder: str | Path) -> list[Path]:
     """Every image file under ``folder`` (any depth), sorted."""
     paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
-        raise FileNotFoundError(f"no images (jpg, png, webp, bmp) under {folder}")
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}")
     return paths
 
 
@@ -133,20 +137,15 @@ def folder_images(folder: str | Path, n: int, seed: int) -> list[bytes]:
 def demo_images(n: int, seed: int, model: str = DEFAULT_MODEL, unseen: bool = False) -> list[bytes]:
     """``n`` new demo images like the ones model ``model`` was trained on, or of demo classes it never saw.
 
-    They come from the training's demo generator with the model's stored demo parameters, at image
+    They come from the demo generator with the model's stored demo parameters, at image
     indices past the generated data set: the same distribution as the held-out images, yet none of
     them was trained on or summarised in the reference, so "no shift" traffic is a fair test.
     """
-    import bentoml
-
-    from service.artifacts import CONFIG_FILE, load_labels
-    from training.demo_data import CLASSES, DemoParams, render
-
-    folder = Path(bentoml.models.get(model).path)
+    folder = model_folder(model)
     cfg = json.loads((folder / CONFIG_FILE).read_text())
     if not cfg.get("demo"):
         raise ValueError(f"model {model} was not trained on the demo data: pass --images with photos like yours")
-    params = DemoParams(classes=cfg["demo_classes"], per_class=cfg["demo_per_class"], image_size=cfg["demo_image_size"])
+    params = DemoParams(cfg["demo_classes"], cfg["demo_per_class"], cfg["demo_image_size"], seed=cfg.get("seed", 0))
     labels = set(load_labels(folder))
     classes = [i for i, name in enumerate(CLASSES) if (name not in labels) == unseen]
     if not classes:
@@ -166,9 +165,15 @@ class SimulationResult:
 
 
 def simulate(
-    host: str, images: list[bytes], shift: str = "none", seed: int = 0, workers: int = 4, timeout: float = 30.0
+    host: str,
+    images: list[bytes],
+    shift: str = "none",
+    seed: int = 0,
+    workers: int = 4,
+    timeout: float = 30.0,
+    source: str = SOURCE,
 ) -> SimulationResult:
-    """POST each image, after ``shift``, to ``host``/classify from a small thread pool."""
+    """POST each image, after ``shift``, to ``host``/classify from a small thread pool, marked as ``source``."""
     import httpx
 
     if shift not in SHIFTS:
@@ -180,7 +185,9 @@ def simulate(
         data, content_type = shift_image(images[i], shift, np.random.default_rng(seeds[i]))
         name = f"image{i}." + content_type.split("/")[-1]
         try:
-            resp = client.post(url, files={"image": (name, data, content_type)}, timeout=timeout)
+            resp = client.post(
+                url, files={"image": (name, data, content_type)}, headers={"X-Traffic-Source": source}, timeout=timeout
+            )
         except httpx.HTTPError as e:
             return type(e).__name__, None
         if resp.status_code != 200:
@@ -214,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=4, help="concurrent requests (default 4)")
     p.add_argument("--images", type=Path, help="image folder to send (default: new images from the demo generator)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model whose demo data to imitate (default {DEFAULT_MODEL})")
+    p.add_argument(
+        "--source",
+        default=SOURCE,
+        help=f"X-Traffic-Source of the requests (default {SOURCE}; judge them with `python -m drift --source "
+        f"{SOURCE}`, or send them as production)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -222,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     else:  # the demo generator draws real unseen classes; the "unseen" transform is for user folders
         images = demo_images(args.n, args.seed, args.model, unseen=args.shift == "unseen")
         shift = "none" if args.shift == "unseen" else args.shift
-    result = simulate(args.host, images, shift, args.seed, args.workers)
+    result = simulate(args.host, images, shift, args.seed, args.workers, source=args.source)
     print(f"sent {result.sent} images ({args.shift}): {result.ok} ok")
     for label, count in result.labels.most_common():
         print(f"  {label:<20} {count}")

@@ -64,6 +64,12 @@ def add_options(parser) -> None:
         help="Share of /classify requests that send a bad input and must get a 4xx",
     )
     parser.add_argument(
+        "--traffic-source",
+        env_var="LOCUST_TRAFFIC_SOURCE",
+        default="loadtest",
+        help="X-Traffic-Source of every request: the drift job leaves this traffic out of production's window",
+    )
+    parser.add_argument(
         "--labels",
         env_var="LOCUST_LABELS",
         default="",
@@ -130,14 +136,17 @@ class _Workload:
     top_k: int
     batch_files: int
     bad_share: float
+    source: str
 
     @classmethod
     def prepare(cls, opts) -> None:
-        key = (opts.image_mix, opts.image_pool, opts.top_k, opts.batch_files, opts.labels, opts.bad_input_share)
+        key = (opts.image_mix, opts.image_pool, opts.top_k, opts.batch_files, opts.labels, opts.bad_input_share,
+               opts.traffic_source)  # fmt: skip
         if key == cls.key:
             return
         cls.mix = ImageMix(parse_mix(opts.image_mix), per_kind=opts.image_pool)
         cls.top_k, cls.batch_files, cls.bad_share = opts.top_k, max(1, opts.batch_files), opts.bad_input_share
+        cls.source = opts.traffic_source
         cls.labels = load_labels(opts.labels)
         # One ready multipart body per image: the load generator shares the CPU, so encode once, send many.
         cls.single = {id(img): single_payload(img, cls.top_k) for pool in cls.mix.pools.values() for img in pool}
@@ -184,7 +193,7 @@ class ClassifyUser(FastHttpUser):
         with self.client.post(
             "/classify",
             data=payload.body,
-            headers={"Content-Type": payload.content_type},
+            headers={"Content-Type": payload.content_type, "X-Traffic-Source": w.source},
             name=f"/classify [{image.kind}]",
             catch_response=True,
         ) as resp:
@@ -202,7 +211,7 @@ class ClassifyUser(FastHttpUser):
         with self.client.post(
             "/classify",
             data=payload.body,
-            headers={"Content-Type": payload.content_type},
+            headers={"Content-Type": payload.content_type, "X-Traffic-Source": _Workload.source},
             name="/classify [bad input]",
             catch_response=True,
         ) as resp:
@@ -235,7 +244,7 @@ class BatchClassifyUser(FastHttpUser):
         with self.client.post(
             "/classify_batch",
             data=payload.body,
-            headers={"Content-Type": payload.content_type},
+            headers={"Content-Type": payload.content_type, "X-Traffic-Source": w.source},
             name=f"/classify_batch [{w.batch_files} images]",
             catch_response=True,
         ) as resp:

@@ -115,15 +115,21 @@ def _start(name: str, cmd: list[str], env: dict, log_file: Path, port: int, time
 
 
 def stop(target: Target) -> None:
-    """Stop a server the runner started: SIGTERM (lets it flush its logs), then SIGKILL after 30 s."""
-    if target.proc is None or target.proc.poll() is not None:
+    """Stop a server the runner started (one it was pointed at is left alone)."""
+    if target.proc is not None:
+        stop_process(target.proc)
+
+
+def stop_process(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM (lets a server finish its requests and flush its logs), then SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
         return
-    target.proc.terminate()
+    proc.terminate()
     try:
-        target.proc.wait(timeout=30)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        target.proc.kill()
-        target.proc.wait()
+        proc.kill()
+        proc.wait()
 
 
 def _tail(target: Target, chars: int = 4000) -> str:

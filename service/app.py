@@ -1,106 +1,108 @@
-"""The BentoML services: ``Classifier`` answers HTTP; the model runs in it or in ``ImageModel``.
+"""The BentoML services: ``ImageClassifier`` answers HTTP; the model runs in it, or in ``SharedModel``.
 
-Dataflow of one ``POST /classify``::
+Where a ``POST /classify`` goes, by file:
 
-    API worker (IMGCLS_WORKERS processes)
-    read multipart -> decode, orient, resize, statistics -> uint8 [1, S, S, 3]
-      -> BentoML adaptive batching -> onnxruntime          (placement "worker": in this process)
-      -> .npy ---- bentoml.depends ---> ImageModel           (placement "shared": one model process,
-                                        adaptive batching     fed by every worker)
-                                        -> onnxruntime
-    top-k JSON response; inference-log record; metrics
+- ``service/middleware.py``: received within size and time bounds (and the API key), given a processing slot
+  and a deadline;
+- ``service/parse.py``: the multipart body (or the raw image) parsed into files, ``top_k`` and ``source``;
+- ``imgcls/preprocess.py``: decoded in a thread of this worker, oriented, resized; ``imgcls/imagestats.py``
+  measures it for the drift job;
+- ``service/batching.py``: batched with the concurrent requests, never waiting for company;
+- ``service/session.py``: run by onnxruntime, in this worker (the CPU default) or in ``SharedModel``, one
+  process fed by every worker (the GPU default), over ``.npy`` bodies (``service/wire.py``);
+- ``service/answers.py``: top-k labels and the unfamiliarity score (``imgcls/ood.py``) answered, counted
+  (``service/metrics.py``) and logged (``imgcls/inference_log.py``).
 
-Decoding runs in parallel in the API workers, never inside the batched call (that would serialize
-it). ``IMGCLS_PLACEMENT=auto`` shares one model process on a GPU (one CUDA session, big batches)
-and keeps a model in every worker on the CPU (no HTTP hop; see :mod:`service.model`).
-``bentoml serve`` and ``bentoml build`` read this module through ``bentofile.yaml``.
-Settings: see :mod:`service.settings`.
+Settings are read and resolved once (``service/settings.py``). ``bentoml serve`` and ``bentoml build`` read
+this module through ``bentofile.yaml``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import logging
 import os
+import sys
 import time
 import typing as t
 import uuid
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import bentoml
 import httpx
 import numpy as np
-from bentoml._internal.configuration.containers import BentoMLContainer
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, RedirectResponse
 
-from service import metrics, runtime
-from service.artifacts import load_labels
-from service.coalesce import Coalescer
-from service.errors import RequestGuard, error_response
-from service.imagestats import image_stats
-from service.inference_log import InferenceLogWriter, make_record
-from service.model import InProcessBatching, Model
-from service.preprocess import SPEC_FILE, ImageError, PreprocessSpec, preprocess_bytes
-from service.settings import Settings
-from service.upload import ImageBatchUpload, ImageUpload
+from imgcls.errors import ApiError
+from imgcls.imagestats import image_stats
+from imgcls.inference_log import PRODUCTION, InferenceLogWriter
+from imgcls.model_files import ModelFiles, ModelFilesError, open_model
+from imgcls.onnx_run import cuda_usable
+from imgcls.preprocess import preprocess_bytes
+from service import metrics, self_test, session
+from service.answers import Answerer, error_response
+from service.batching import Batcher, in_process
+from service.middleware import ApiKeyAuth, ConcurrencyLimit, Deadline, ErrorShape, KeepAliveLimit, UploadReceiver
+from service.parse import ImageBatchUpload, ImageUpload, UploadSpec
+from service.settings import Settings, SettingsError, cpu_count, resolve
 from service.wire import NpyArray, from_npy
 
 log = logging.getLogger(__name__)
 
-settings = Settings.from_env()
-if bentoml.Tag.from_taglike(settings.model).version in (None, "latest"):
-    # Pin "latest" once, here in the process that starts the workers (they inherit the environment), so a
-    # model saved while the workers start cannot make them serve different versions.
-    try:
-        os.environ["IMGCLS_MODEL"] = str(bentoml.models.get(settings.model).tag)
-        settings = dataclasses.replace(settings, model=os.environ["IMGCLS_MODEL"])
-    except bentoml.exceptions.NotFound:
-        pass  # each service says so, with what to do, when it starts
-if "IMGCLS_MAX_BATCH_SIZE" not in os.environ and settings.device != "cpu" and runtime.gpu_present():
-    settings = dataclasses.replace(settings, max_batch_size=128)  # fp16 on a big GPU peaks near batch 128
-# Decided when the service starts (not when the Bento is built: a Bento built here runs on a GPU machine).
-SHARED_MODEL = settings.placement == "shared" or (
-    settings.placement == "auto" and runtime.choose_device(settings.device) == "cuda"
-)
-if not SHARED_MODEL and not settings.ort_threads:  # one session per worker: share the cores out
-    settings = dataclasses.replace(settings, ort_threads=max(1, settings.intra_op_threads // settings.api_workers))
-ImageBatchUpload.max_files = settings.max_files
-API_PATHS = ("/classify", "/classify_batch")
-# BentoML wraps every request in an OpenTelemetry span, exported only when an exporter is configured; unexported,
-# it took about a tenth of an API worker's profile samples (py-spy, demo model, 16 users). So the API routes skip it
-# unless IMGCLS_TRACING=1 (set it with BentoML's tracing configuration).
-TRACING = {} if settings.tracing else {"tracing": {"excluded_urls": list(API_PATHS)}}
-MODEL_BUSY = "The model is saturated; retry after the number of seconds in Retry-After."
-MODEL_TIMEOUT = "The model did not answer in time; retry later."
-MODEL_FAILED = "The model service failed; it is logged. Retry, or report it."
-MODEL_GONE = "The model service is not reachable (restarting?); retry shortly."
+try:
+    SETTINGS = Settings.from_env()
+    PLAN = resolve(SETTINGS, gpu_usable=SETTINGS.device != "cpu" and cuda_usable(), cpus=cpu_count())
+    API_KEY = SETTINGS.read_api_key()
+except SettingsError as exc:
+    sys.exit(f"imgcls: {exc}")
+UPLOADS = {
+    "/classify": UploadSpec("image", 1, SETTINGS.max_image_bytes, raw_body=True),
+    "/classify_batch": UploadSpec("images", SETTINGS.max_files, SETTINGS.max_image_bytes),
+}
+PROTECTED = [*UPLOADS, "/info", "/ui/", *(["/metrics"] if SETTINGS.protect_metrics else [])]
+# BentoML wraps every request in an OpenTelemetry span, exported only when an exporter is configured; unexported
+# it costs about a tenth of an API worker's CPU per request. So the API routes skip it unless IMGCLS_TRACING=1.
+TRACING = {} if SETTINGS.tracing else {"tracing": {"excluded_urls": list(UPLOADS)}}
 
 
 def show_info_logs() -> None:
     """Let this package's INFO lines through: BentoML's worker logging passes only warnings from other loggers."""
-    logging.getLogger("service").setLevel(logging.INFO)
+    for name in ("service", "imgcls"):
+        logging.getLogger(name).setLevel(logging.INFO)
     for name, logger in logging.root.manager.loggerDict.items():
-        if (name == "service" or name.startswith("service.")) and isinstance(logger, logging.Logger):
+        if name.split(".")[0] in ("service", "imgcls") and isinstance(logger, logging.Logger):
             logger.disabled = False
+
+
+def stored_model(tag: bentoml.Tag | str) -> bentoml.Model:
+    """The stored model of ``tag``, with a clear message when it is not in the store."""
+    try:
+        return bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        home = os.environ.get("BENTOML_HOME", "~/bentoml")
+        raise ModelFilesError(
+            f"Model {tag} is not in the BentoML model store (BENTOML_HOME={home}; see `bentoml models list`). "
+            "Train and store one with `make train`, or set IMGCLS_MODEL to a stored tag."
+        ) from None
+
+
+def open_session(files: ModelFiles, tag: str, strict_device: bool) -> session.ModelSession:
+    """The warmed-up session this plan runs, shown in the model-info metric and the log."""
+    model = session.open_session(
+        files, PLAN.device, SETTINGS.variant, PLAN.ort_threads, SETTINGS.ort_spin, strict_device=strict_device
+    )
+    session.warm_up(model, files.spec.size, PLAN.max_batch_size, SETTINGS.warmup_runs)
+    metrics.get().model_info.labels(model=tag, variant=model.variant, provider=model.provider).set(1)
+    threads = f" with {PLAN.ort_threads} threads" if model.device == "cpu" else ""
+    log.info("serving %s: %s (%s) on %s%s", tag, model.model_file.name, model.variant, model.provider, threads)
+    return model
 
 
 async def docs_redirect(scope: dict, receive: t.Any, send: t.Any) -> None:
     """``/docs``: BentoML serves its OpenAPI page (Swagger UI) at ``/``."""
     await RedirectResponse("/")(scope, receive, send)
-
-
-def stored_model(ref: bentoml.models.BentoModel) -> bentoml.Model:
-    """The model behind a class-scope reference, with a clear message when it is not in the store."""
-    try:
-        return bentoml.models.get(ref.tag)
-    except bentoml.exceptions.NotFound:
-        home = os.environ.get("BENTOML_HOME", "~/bentoml")
-        raise runtime.ModelLoadError(
-            f"Model {ref.tag} is not in the BentoML model store (BENTOML_HOME={home}; see `bentoml models list`). "
-            "Train and store one with `make train`, or set IMGCLS_MODEL to a stored tag."
-        ) from None
 
 
 class Prediction(BaseModel):
@@ -112,6 +114,8 @@ class ClassifyResult(BaseModel):
     label: str = Field(description="The most likely label")
     score: float = Field(description="Its probability, 0..1")
     top_k: list[Prediction] = Field(description="The top_k most likely labels, most likely first")
+    unfamiliar: bool = Field(description="True when the image is unlike anything the model was trained on")
+    ood_score: float = Field(description="How unlike the training images it is; unfamiliar above the threshold")
     model: str = Field(description="Tag of the model in the BentoML store")
     request_id: str
 
@@ -120,6 +124,8 @@ class BatchItem(BaseModel):
     label: str | None = None
     score: float | None = None
     top_k: list[Prediction] | None = None
+    unfamiliar: bool | None = None
+    ood_score: float | None = None
     error: str | None = Field(default=None, description="Set instead of label when this image was refused")
     detail: str | None = None
 
@@ -131,193 +137,228 @@ class ClassifyBatchResult(BaseModel):
 
 
 @bentoml.service(
-    name="image_model",
+    name="shared_model",
     workers=1,
-    threads=1,  # one batch at a time; onnxruntime itself uses every core (IMGCLS_ORT_THREADS)
-    traffic={"timeout": settings.timeout_s + 5},
+    traffic={"timeout": SETTINGS.timeout_s + 5},
     logging={"access": {"enabled": False}},  # one line per internal batch call is noise
     # BentoML's client replaces its connection pool every 100 requests (default) by closing the old one,
     # which cuts the calls still in flight on it ("Server disconnected"); a local socket needs no refresh.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 365 * 86400.0},
-    resources={"gpu": 1} if settings.device != "cpu" and runtime.gpu_present() else None,
+    resources={"gpu": 1} if PLAN.device == "cuda" else None,
 )
-class ImageModel:
-    """Placement "shared": one onnxruntime session fed by every API worker through BentoML's adaptive batching.
+class SharedModel:
+    """Placement "shared": one onnxruntime session fed by every API worker, batching their calls again.
 
     With placement "worker" this process stays idle and loads nothing: a built Bento's service graph is fixed,
     so the dependency is declared either way.
     """
 
-    model_ref = bentoml.models.BentoModel(settings.model)
+    model_ref = bentoml.models.BentoModel(SETTINGS.model)
 
     def __init__(self) -> None:
         show_info_logs()
-        self.model = None
-        if SHARED_MODEL:
-            stored = stored_model(self.model_ref)
-            self.model = Model(runtime.load(stored.path, settings), str(stored.tag))
-        else:
-            log.info("idle: IMGCLS_PLACEMENT=%s runs the model in the API workers", settings.placement)
+        self.batcher: Batcher | None = None
+        if not PLAN.shared_model:
+            log.info("idle: IMGCLS_PLACEMENT=%s runs the model in the API workers", SETTINGS.placement)
+            return
+        stored = stored_model(self.model_ref.tag)
+        model = open_session(open_model(stored.path), str(stored.tag), strict_device=True)
+        self.batcher = Batcher(
+            in_process(model), PLAN.max_batch_size, max_wait_s=SETTINGS.max_latency_ms / 1000, retry_after_s=1
+        )
 
-    def __is_ready__(self) -> bool:
-        return True  # __init__ returns only after loading, verifying and warming up the model
-
-    @bentoml.api(
-        batchable=True,
-        max_batch_size=settings.max_batch_size,
-        max_latency_ms=settings.max_latency_ms,
-        input_spec=NpyArray,
-        output_spec=NpyArray,
-    )
-    def infer(self, pixels: np.ndarray) -> np.ndarray:
+    @bentoml.api(input_spec=NpyArray, output_spec=NpyArray)
+    async def infer(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] -> float32 [N, classes + embedding]: probabilities, then the embedding."""
-        if self.model is None:
+        if self.batcher is None:
             raise bentoml.exceptions.ServiceUnavailable("no model here: IMGCLS_PLACEMENT puts it in the API workers")
-        return self.model.infer(pixels)
-
-
-class ModelCallError(Exception):
-    """The model service did not answer; carries the HTTP error to give the client."""
-
-    def __init__(self, status: int, code: str, detail: str):
-        super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
+        try:
+            return await self.batcher(pixels)
+        except ApiError as err:  # overloaded: the API worker answers its client 503 + Retry-After
+            raise bentoml.exceptions.ServiceUnavailable(err.detail) from None
 
 
 @bentoml.service(
     name="image_classifier",
-    workers=settings.api_workers,  # one preprocessing worker per core unless IMGCLS_WORKERS
-    traffic={"timeout": settings.timeout_s + 10},  # RequestGuard answers 504 first, in our error format
-    logging={"access": {"enabled": settings.access_log}},
+    workers=PLAN.api_workers,
+    traffic={"timeout": SETTINGS.body_timeout_s + SETTINGS.timeout_s + 10},  # ours answer first, in our shape
+    logging={"access": {"enabled": SETTINGS.access_log}},
     **TRACING,
 )
-class Classifier:
-    """HTTP API: upload photos, get labels. Preprocessing runs here, in every worker."""
+class ImageClassifier:
+    """HTTP API: upload photos, get labels. Decoding and preprocessing run here, in every worker."""
 
-    model_ref = bentoml.models.BentoModel(settings.model)
-    model = bentoml.depends(ImageModel)  # used with placement "shared" only
+    model_ref = bentoml.models.BentoModel(SETTINGS.model)
+    shared_model = bentoml.depends(SharedModel)  # used with placement "shared" only
+
+    @bentoml.on_deployment
+    def check_model() -> None:
+        """Once, before any worker starts: pin ``:latest`` to one version and refuse a model that cannot be served.
+
+        The workers inherit the pinned tag, so a model saved while they start cannot split them across versions.
+        """
+        show_info_logs()
+        try:
+            stored = stored_model(SETTINGS.model)
+            os.environ["IMGCLS_MODEL"] = str(stored.tag)
+            self_test.check_stored_model(stored.path, PLAN, SETTINGS)
+        except ModelFilesError as exc:
+            log.error("cannot serve: %s", exc)
+            sys.exit(f"imgcls: cannot serve: {exc}")
 
     def __init__(self) -> None:
         show_info_logs()
-        stored = stored_model(self.model_ref)
+        stored = stored_model(self.model_ref.tag)
         self.tag = str(stored.tag)
-        folder = Path(stored.path)
-        self.spec = PreprocessSpec.load(folder / SPEC_FILE)
-        self.labels = load_labels(folder)
-        self.metrics = metrics.get()
-        if not settings.tracing and BentoMLContainer.config.tracing.exporter_type.get():
-            log.warning("a tracing exporter is configured, but the API routes are traced only with IMGCLS_TRACING=1")
-        self.inference_log = InferenceLogWriter(settings.log_dir, max_bytes=settings.log_max_bytes)
-        if SHARED_MODEL:
-            self.predict = Coalescer(self._call_model, settings.max_batch_size, settings.hop_in_flight)
+        files = open_model(stored.path)
+        self.spec, self.limits = files.spec, SETTINGS.decode_limits
+        variant = session.choose_variant(SETTINGS.variant, PLAN.device, files.variants)
+        recorded = metrics.get()
+        self.inference_log = InferenceLogWriter(
+            SETTINGS.inference_log_dir,
+            max_bytes=SETTINGS.log_max_bytes,
+            max_total_bytes=SETTINGS.log_max_total_bytes,
+            max_age_s=SETTINGS.log_max_age_days * 86400,
+            thumbnail_bytes=SETTINGS.thumbnail_bytes,
+            on_error=recorded.log_write_errors.inc,
+            on_drop=recorded.log_dropped.inc,
+        )
+        log.info("inference log: %s", self.inference_log.folder)
+        self.answerer = Answerer(self.tag, variant, files.labels, files.detectors[variant], self.inference_log)
+        wait_s = SETTINGS.max_latency_ms / 1000
+        if PLAN.shared_model:
+            hop = Batcher(self._hop, PLAN.max_batch_size, SETTINGS.hop_in_flight, wait_s, SETTINGS.retry_after_s)
+            self.batcher = hop
         else:
-            model = Model(runtime.load(folder, settings), self.tag)
-            self.predict = InProcessBatching(model, settings.max_batch_size, settings.max_latency_ms)
+            model = open_session(files, self.tag, strict_device=False)
+            self.batcher = Batcher(in_process(model), PLAN.max_batch_size, 1, wait_s, SETTINGS.retry_after_s)
+        self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")
+        self.serving = False
+
+    @bentoml.on_startup
+    async def start_self_test(self) -> None:
+        """Readiness means one real image went the whole way: decode, preprocess, model, answer."""
+        self._self_test = asyncio.get_running_loop().create_task(self._run_self_test())
+
+    async def _run_self_test(self) -> None:
+        try:
+            await self_test.classify_test_image(self)
+        except Exception as exc:
+            log.error("cannot serve: the start-up self-test failed: %s", exc)
+            raise
+        self.serving = True
+        metrics.get().ready.set(1)
+        log.info("self-test passed: ready")
+
+    def __is_ready__(self) -> bool:
+        return self.serving
 
     @bentoml.on_shutdown
-    def close_inference_log(self) -> None:
-        """Flush the inference log on graceful shutdown."""
+    def close(self) -> None:
+        """Report not ready, then flush the inference log (graceful shutdown)."""
+        self.serving = False
+        metrics.get().ready.set(0)
         self.inference_log.close()
+        self.decoders.shutdown(wait=False)
 
     @bentoml.api(route="/classify", input_spec=ImageUpload, output_spec=ClassifyResult)
-    async def classify(self, image: bytes | ImageError, top_k: int = 5) -> JSONResponse:
+    async def classify(self, image: bytes, top_k: int = 5, source: str = PRODUCTION) -> JSONResponse:
         """Classify one photo (multipart field `image`); returns the top label and the `top_k` most likely."""
-        if isinstance(image, ImageError):
-            return error_response(image.status, image.code, image.detail)
         request_id = uuid.uuid4().hex
         try:
-            pixels, stats = self._prepare(image)
-            outputs = await self._infer(pixels[None])
-        except (ImageError, ModelCallError) as exc:
-            return error_response(exc.status, exc.code, exc.detail, retry_after=_retry_after(exc.status))
-        result = self._result(outputs[0], stats, top_k, request_id)
+            pixels, stats = await self.prepare(image)
+            rows = await self.batcher(pixels[None])
+        except ApiError as err:
+            return error_response(err)
+        result = self.answerer.answer(rows, [stats], [pixels], top_k, [request_id], source)[0]
         return JSONResponse({**result, "model": self.tag, "request_id": request_id})
 
     @bentoml.api(route="/classify_batch", input_spec=ImageBatchUpload, output_spec=ClassifyBatchResult)
-    async def classify_batch(self, images: list[bytes] | ImageError, top_k: int = 5) -> JSONResponse:
+    async def classify_batch(self, images: list[bytes], top_k: int = 5, source: str = PRODUCTION) -> JSONResponse:
         """Classify several photos (repeated multipart field `images`) in one request; results in upload order."""
-        if isinstance(images, ImageError):
-            return error_response(images.status, images.code, images.detail)
         request_id = uuid.uuid4().hex
+        prepared = await asyncio.gather(*(self.prepare(data) for data in images), return_exceptions=True)
         results: list[dict | None] = [None] * len(images)
-        prepared: list[tuple[int, np.ndarray, dict]] = []
-        for i, data in enumerate(images):
+        ok = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
+        for i, p in enumerate(prepared):
+            if isinstance(p, ApiError):
+                metrics.reject(p.code)
+                results[i] = {"error": p.code, "detail": f"Image {i + 1}: {p.detail}"}
+            elif isinstance(p, BaseException):
+                raise p
+        if ok:
             try:
-                pixels, stats = self._prepare(data)
-                prepared.append((i, pixels, stats))
-            except ImageError as exc:
-                metrics.reject(exc.code)
-                results[i] = {"error": exc.code, "detail": f"Image {i + 1}: {exc.detail}"}
-        if prepared:
-            try:
-                outputs = await self._infer(np.stack([p for _, p, _ in prepared]))
-            except ModelCallError as exc:
-                return error_response(exc.status, exc.code, exc.detail, retry_after=_retry_after(exc.status))
-            for row, (i, _, stats) in zip(outputs, prepared, strict=True):
-                results[i] = self._result(row, stats, top_k, f"{request_id}/{i}")
+                rows = await self.batcher(np.stack([prepared[i][0] for i in ok]))
+            except ApiError as err:
+                return error_response(err)
+            answers = self.answerer.answer(
+                rows, [prepared[i][1] for i in ok], [prepared[i][0] for i in ok], top_k,
+                [f"{request_id}/{i}" for i in ok], source,
+            )  # fmt: skip
+            for i, answer in zip(ok, answers, strict=True):
+                results[i] = answer
         return JSONResponse({"results": results, "model": self.tag, "request_id": request_id})
 
-    def _prepare(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        """Decode and resize one upload (in this worker, not in the batch) plus its drift statistics."""
+    async def prepare(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
+        """Decode and resize one upload plus its drift statistics, in a decode thread (a bounded number at once)."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoders, self._decode, data)
+
+    def _decode(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
         start = time.perf_counter()
-        pixels, size = preprocess_bytes(data, self.spec, settings.max_pixels)
+        pixels, size = preprocess_bytes(data, self.spec, self.limits)
         stats = image_stats(pixels, size)
-        self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
+        metrics.get().preprocess_seconds.observe(time.perf_counter() - start)
         return pixels, stats
 
-    async def _call_model(self, pixels: np.ndarray) -> np.ndarray:
-        """One hop request to the model service (raw .npy both ways); retried once if the connection drops."""
+    async def _hop(self, pixels: np.ndarray) -> np.ndarray:
+        """One call to the shared model process (raw .npy both ways); its failures become 503/504."""
         try:
-            out = await self.model.to_async.infer(pixels)
-        except (aiohttp.ClientConnectionError, httpx.TransportError) as exc:
-            if isinstance(exc, (aiohttp.ServerTimeoutError, httpx.TimeoutException)):
-                raise
-            log.warning("model service connection dropped (%r); retrying once", exc)
-            out = await self.model.to_async.infer(pixels)  # inference is idempotent
-        return from_npy(out) if isinstance(out, (bytes, bytearray, memoryview)) else np.asarray(out)
-
-    async def _infer(self, pixels: np.ndarray) -> np.ndarray:
-        """Model outputs for a batch, batched with concurrent ones; failures become 503/504."""
-        try:
-            return await self.predict(pixels)
+            try:
+                out = await self.shared_model.to_async.infer(pixels)
+            except (aiohttp.ClientConnectionError, httpx.TransportError) as exc:
+                if isinstance(exc, (aiohttp.ServerTimeoutError, httpx.TimeoutException)):
+                    raise
+                log.warning("model service connection dropped (%r); retrying once", exc)
+                out = await self.shared_model.to_async.infer(pixels)  # inference is idempotent
         except bentoml.exceptions.BentoMLException as exc:
             status = getattr(exc.error_code, "value", 500)
             if status in (429, 503):
-                raise ModelCallError(503, "overloaded", MODEL_BUSY) from exc
+                raise ApiError(503, "overloaded", MODEL_BUSY, SETTINGS.retry_after_s) from exc
             if status == 504:
-                raise ModelCallError(504, "timeout", MODEL_TIMEOUT) from exc
+                raise ApiError(504, "timeout", MODEL_TIMEOUT) from exc
             log.error("model service failed: %s", exc)
-            raise ModelCallError(500, "model_error", MODEL_FAILED) from exc
+            raise ApiError(500, "model_error", MODEL_FAILED) from exc
         except (TimeoutError, httpx.TimeoutException, aiohttp.ServerTimeoutError) as exc:
-            raise ModelCallError(504, "timeout", MODEL_TIMEOUT) from exc
+            raise ApiError(504, "timeout", MODEL_TIMEOUT) from exc
         except (httpx.TransportError, aiohttp.ClientError) as exc:  # the model process is restarting or gone
             log.error("model service unreachable: %r", exc)
-            raise ModelCallError(503, "model_unavailable", MODEL_GONE) from exc
-
-    def _result(self, row: np.ndarray, stats: dict[str, float], top_k: int, request_id: str) -> dict:
-        """Top-k for one image; also logs it and counts it."""
-        n = len(self.labels)
-        probs, embedding = row[:n], row[n:]
-        order = np.argsort(-probs, kind="stable")[: min(top_k, n)]
-        top = [{"label": self.labels[j], "score": round(float(probs[j]), 6)} for j in order]
-        label, score = top[0]["label"], top[0]["score"]
-        self.metrics.predictions.labels(label=label).inc()
-        self.metrics.confidence.observe(score)
-        self.inference_log.write(make_record(request_id, self.tag, label, score, stats, embedding.tolist()))
-        return {"label": label, "score": score, "top_k": top}
+            raise ApiError(503, "model_unavailable", MODEL_GONE, SETTINGS.retry_after_s) from exc
+        return from_npy(out) if isinstance(out, (bytes, bytearray, memoryview)) else np.asarray(out)
 
 
-def _retry_after(status: int) -> int | None:
-    return settings.retry_after_s if status in (429, 503) else None
+MODEL_BUSY = "The model is saturated; retry after the number of seconds in Retry-After."
+MODEL_TIMEOUT = "The model did not answer in time; retry later."
+MODEL_FAILED = "The model service failed; it is logged. Retry, or report it."
+MODEL_GONE = "The model service is not reachable (restarting?); retry shortly."
 
-
-Classifier.add_asgi_middleware(
-    RequestGuard,
-    paths=API_PATHS,
-    max_body_bytes=settings.max_body_bytes,
-    max_concurrency=settings.max_concurrency,
-    timeout_s=settings.timeout_s,
-    retry_after_s=settings.retry_after_s,
-    keepalive_requests=settings.keepalive_requests,
+# The first added is the outermost: each request meets them in this order (see service/middleware.py).
+ImageClassifier.add_asgi_middleware(KeepAliveLimit, max_requests=SETTINGS.keepalive_requests)
+ImageClassifier.add_asgi_middleware(ErrorShape, retry_after_s=SETTINGS.retry_after_s)
+ImageClassifier.add_asgi_middleware(ApiKeyAuth, key=API_KEY, paths=PROTECTED)
+ImageClassifier.add_asgi_middleware(
+    UploadReceiver,
+    specs=UPLOADS,
+    max_body_bytes=SETTINGS.max_body_bytes,
+    timeout_s=SETTINGS.body_timeout_s,
+    buffer_bytes=8 * SETTINGS.max_body_bytes,
+    retry_after_s=SETTINGS.retry_after_s,
 )
-Classifier.mount_asgi_app(docs_redirect, path="/docs", name="docs")
+ImageClassifier.add_asgi_middleware(
+    ConcurrencyLimit,
+    paths=UPLOADS,
+    max_concurrency=SETTINGS.max_concurrency,
+    retry_after_s=SETTINGS.retry_after_s,
+    on_change=lambda delta: metrics.get().in_flight.inc(delta),
+)
+ImageClassifier.add_asgi_middleware(Deadline, paths=UPLOADS, timeout_s=SETTINGS.timeout_s)
+ImageClassifier.mount_asgi_app(docs_redirect, path="/docs", name="docs")

@@ -16,6 +16,8 @@ PREFIX = "imgcls"
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Mahalanobis distances: in-distribution images mostly fall below ~10; the threshold is model-specific.
+OOD_BUCKETS = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 30.0, 50.0, 100.0)
 
 
 @functools.cache
@@ -28,6 +30,12 @@ def get() -> SimpleNamespace:
         confidence=Histogram(
             f"{PREFIX}_confidence", "Top-1 probability of classified images", buckets=CONFIDENCE_BUCKETS
         ),
+        ood_score=Histogram(
+            f"{PREFIX}_ood_score",
+            "Unfamiliarity (distance to the training images) of classified images",
+            buckets=OOD_BUCKETS,
+        ),  # fmt: skip
+        unfamiliar=Counter(f"{PREFIX}_unfamiliar", "Classified images flagged as unlike the training images"),
         rejected=Counter(f"{PREFIX}_rejected", "Requests or images refused, by reason (the error code)", ["reason"]),
         preprocess_seconds=Histogram(
             f"{PREFIX}_preprocess_seconds", "Decode, resize and statistics of one image", buckets=DURATION_BUCKETS
@@ -36,6 +44,22 @@ def get() -> SimpleNamespace:
             f"{PREFIX}_model_seconds", "onnxruntime time for one model batch", buckets=DURATION_BUCKETS
         ),
         batch_size=Histogram(f"{PREFIX}_batch_size", "Images per model batch", buckets=BATCH_BUCKETS),
+        in_flight=Gauge(
+            f"{PREFIX}_in_flight",
+            "Requests being processed now (received, not yet answered)",
+            multiprocess_mode="livesum",
+        ),  # fmt: skip
+        ready=Gauge(
+            f"{PREFIX}_ready",
+            "1 while an API worker serves (after its self-test), 0 while it shuts down",
+            multiprocess_mode="livemin",
+        ),  # fmt: skip
+        log_write_errors=Counter(
+            f"{PREFIX}_inference_log_write_errors", "Flushes of the inference log that failed (records lost)"
+        ),
+        log_dropped=Counter(
+            f"{PREFIX}_inference_log_dropped", "Inference-log records dropped because the writer fell behind"
+        ),
         model_info=Gauge(
             f"{PREFIX}_model_info",
             "The model being served (value 1): tag, variant, onnxruntime provider",

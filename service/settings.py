@@ -1,54 +1,75 @@
-"""The service's settings, read once from ``IMGCLS_*`` environment variables (all optional)."""
+"""The service's settings: read once from ``IMGCLS_*`` environment variables, then resolved once into a plan.
+
+:class:`Settings` holds what the user asked for (every field is optional; its default is defined here and
+nowhere else). :func:`resolve` is the one place that turns it into what this server will do on this machine
+(:class:`Plan`: CPU or GPU, where the model runs, batch size, threads), as a pure function of the settings,
+whether a GPU is usable and the core count, so every combination is unit-tested without a GPU.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
-from service.artifacts import DEFAULT_MODEL_NAME
-from service.preprocess import DEFAULT_MAX_PIXELS
+from imgcls.inference_log import default_log_dir
+from imgcls.model_files import DEFAULT_MODEL, VARIANTS
+from imgcls.preprocess import DecodeLimits
+
+_DECODE = DecodeLimits()
 
 
 class SettingsError(ValueError):
     """An ``IMGCLS_*`` variable holds a value the service cannot use."""
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def _help(text: str, default):
+    return field(default=default, metadata={"help": text})
 
 
 @dataclass(frozen=True)
 class Settings:
     """Every knob of the service; the field ``name`` is read from ``IMGCLS_NAME``."""
 
-    model: str = f"{DEFAULT_MODEL_NAME}:latest"  # tag in the BentoML model store
-    device: str = "auto"  # auto | cpu | cuda
-    variant: str = ""  # fp32 | fp16 | int8; empty: fp16 on CUDA, int8 on CPU
-    log_dir: str = "inference_log"
-    log_max_bytes: int = 64 << 20  # rotate the inference log at this size
-    max_body_bytes: int = 10 << 20
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_files: int = 64  # per /classify_batch request
-    max_batch_size: int = 32  # adaptive batching: largest batch the model sees (128 when a GPU is used)
-    max_latency_ms: int = 1000  # adaptive batching: latency budget before the dispatcher sheds load
-    workers: int = 0  # API (preprocessing) worker processes; 0: one per core
-    placement: str = "auto"  # worker: a model in every API worker | shared: one model service | auto (see app.py)
-    ort_threads: int = 0  # onnxruntime intra-op threads per session; 0: cores / sessions
-    ort_spin: bool = False  # let ORT threads spin between runs (burns CPU the decoders need)
-    hop_in_flight: int = 2  # placement shared: hop calls one API worker has in flight; more share the next
-    keepalive_requests: int = 100  # per connection, then it is closed (spreads them over workers); 0: no limit
-    max_concurrency: int = 64  # in-flight requests per API worker before answering 503 + Retry-After
-    timeout_s: float = 30.0  # per request, answered with 504
-    retry_after_s: int = 1
-    access_log: bool = True  # BentoML's per-request log line in the API workers
-    tracing: bool = False  # BentoML's OpenTelemetry spans for the API routes (see app.py); off: they skip it
-    warmup_runs: int = 2
+    model: str = _help("model tag in the BentoML model store", DEFAULT_MODEL)
+    device: str = _help("auto | cpu | cuda", "auto")
+    variant: str = _help("fp32 | fp16 | int8; empty: fp16 on CUDA, int8 on the CPU", "")
+    placement: str = _help("auto | worker (a model in every API worker) | shared (one model process)", "auto")
+    workers: int = _help("API worker processes; 0: one per core", 0)
+    ort_threads: int = _help("onnxruntime threads per session; 0: the cores shared out among the sessions", 0)
+    ort_spin: bool = _help("let onnxruntime threads spin between runs (burns CPU the decoders need)", False)
+    max_batch_size: int = _help("largest batch the model sees; 0: 32 on the CPU, 128 on a GPU", 0)
+    max_latency_ms: int = _help("an image waiting longer than this for the model is refused with 503", 1000)
+    hop_in_flight: int = _help("placement shared: hop calls one API worker has in flight", 2)
+    decode_threads: int = _help("decodes in flight per API worker (each bounded by max_decode_pixels)", 2)
+    max_body_bytes: int = _help("largest request body (every file of a batch together)", 64 << 20)
+    max_image_bytes: int = _help("largest single uploaded file", 10 << 20)
+    max_files: int = _help("most files per /classify_batch request", 64)
+    max_pixels: int = _help("most pixels an image may declare in its header", _DECODE.max_pixels)
+    max_decode_pixels: int = _help("most pixels the decoder may produce (JPEG after reduced-scale decoding)",
+                                   _DECODE.max_decode_pixels)  # fmt: skip
+    max_header_bytes: int = _help("largest request line plus headers, answered 431 above", 32 << 10)
+    max_headers: int = _help("most header fields per request, answered 431 above", 100)
+    body_timeout_s: float = _help("time a client has to send its whole request body, answered 408 after", 30.0)
+    max_concurrency: int = _help("requests one API worker processes at once before answering 503", 64)
+    timeout_s: float = _help("time to process a request once received, answered 504 after", 30.0)
+    retry_after_s: int = _help("the Retry-After of a 503", 1)
+    keepalive_requests: int = _help("requests per connection, then it is closed (spreads them); 0: no limit", 100)
+    api_key: str = _help("when set, /classify, /classify_batch, /info and /ui need it (Bearer, X-API-Key or Basic)", "")
+    api_key_file: str = _help("file holding the API key (a mounted secret); read once at start", "")
+    protect_metrics: bool = _help("with an API key, /metrics needs it too", False)
+    log_dir: str = _help("inference-log folder; empty: $BENTOML_HOME/inference_log", "")
+    log_max_bytes: int = _help("rotate each inference-log file at this size", 64 << 20)
+    log_max_total_bytes: int = _help("delete the oldest inference-log files past this total; 0: keep all", 8 << 30)
+    log_max_age_days: float = _help("delete inference-log files older than this; 0: no age limit", 0.0)
+    thumbnail_bytes: int = _help("disk kept for thumbnails of unfamiliar images", 32 << 20)
+    access_log: bool = _help("BentoML's per-request log line in the API workers", True)
+    tracing: bool = _help("BentoML's OpenTelemetry spans for the API routes (skipped otherwise: they cost CPU)", False)
+    warmup_runs: int = _help("runs of each batch size before the server reports ready", 2)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Settings from ``environ`` (default ``os.environ``), refusing malformed values with a clear message."""
         env = os.environ if environ is None else environ
         values = {}
@@ -74,27 +95,90 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        """Refuse combinations the service cannot run with."""
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise SettingsError(f"IMGCLS_DEVICE={self.device!r}: use auto, cpu or cuda.")
-        if self.placement not in ("auto", "worker", "shared"):
-            raise SettingsError(f"IMGCLS_PLACEMENT={self.placement!r}: use auto, worker or shared.")
-        if self.variant not in ("", "fp32", "fp16", "int8"):
-            raise SettingsError(f"IMGCLS_VARIANT={self.variant!r}: use fp32, fp16 or int8 (or leave it unset).")
-        if self.max_batch_size < 2:
-            raise SettingsError("IMGCLS_MAX_BATCH_SIZE must be at least 2 (BentoML's batching requires it).")
-        for name in ("max_body_bytes", "max_pixels", "max_files", "max_latency_ms", "max_concurrency"):
-            if getattr(self, name) < 1:
+        """Refuse values and combinations the service cannot run with."""
+        choices = {
+            "device": ("auto", "cpu", "cuda"),
+            "placement": ("auto", "worker", "shared"),
+            "variant": ("", *VARIANTS),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = " | ".join(a or "(unset)" for a in allowed)
+                raise SettingsError(f"IMGCLS_{name.upper()}={getattr(self, name)!r}: use {shown}.")
+        if self.max_batch_size == 1 or self.max_batch_size < 0:
+            raise SettingsError("IMGCLS_MAX_BATCH_SIZE must be at least 2 (or 0 for the device's default).")
+        positive = ("max_body_bytes", "max_image_bytes", "max_pixels", "max_decode_pixels", "max_files",
+                    "max_latency_ms", "max_concurrency", "decode_threads", "max_header_bytes", "max_headers",
+                    "hop_in_flight", "timeout_s", "body_timeout_s")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
                 raise SettingsError(f"IMGCLS_{name.upper()} must be positive.")
-        if self.keepalive_requests < 0:
-            raise SettingsError("IMGCLS_KEEPALIVE_REQUESTS must be 0 (no limit) or positive.")
+        non_negative = ("keepalive_requests", "workers", "ort_threads", "log_max_total_bytes", "log_max_age_days")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise SettingsError(f"IMGCLS_{name.upper()} must be 0 or positive.")
+        if self.max_image_bytes > self.max_body_bytes:
+            raise SettingsError("IMGCLS_MAX_IMAGE_BYTES cannot exceed IMGCLS_MAX_BODY_BYTES (the whole request).")
+        if self.api_key and self.api_key_file:
+            raise SettingsError("Set IMGCLS_API_KEY or IMGCLS_API_KEY_FILE, not both.")
 
     @property
-    def api_workers(self) -> int:
-        """API worker processes: explicit, else one per core."""
-        return self.workers or _cpu_count()
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(self.max_pixels, self.max_decode_pixels)
 
     @property
-    def intra_op_threads(self) -> int:
-        """onnxruntime threads for one batch: explicit, else one per core."""
-        return self.ort_threads or _cpu_count()
+    def inference_log_dir(self) -> Path:
+        """The absolute inference-log folder."""
+        return Path(self.log_dir).expanduser().absolute() if self.log_dir else default_log_dir()
+
+    def read_api_key(self) -> str:
+        """The API key ("" when none is set), from the variable or the file."""
+        if not self.api_key_file:
+            return self.api_key
+        try:
+            key = Path(self.api_key_file).read_text().strip()
+        except OSError as exc:
+            raise SettingsError(f"IMGCLS_API_KEY_FILE={self.api_key_file}: cannot read it ({exc}).") from None
+        if not key:
+            raise SettingsError(f"IMGCLS_API_KEY_FILE={self.api_key_file} is empty.")
+        return key
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this server does on this machine, resolved once from the settings."""
+
+    device: str  # cpu | cuda
+    shared_model: bool  # one model process fed by every API worker, or a model in each
+    api_workers: int
+    max_batch_size: int
+    ort_threads: int  # per onnxruntime session (CPU)
+
+
+#: The batch size a device gets when IMGCLS_MAX_BATCH_SIZE is 0: fp16 on a large GPU peaks near 128 (H100,
+#: ResNet-18); on the CPU throughput is flat past a few images, and larger batches only add latency.
+DEFAULT_BATCH = {"cpu": 32, "cuda": 128}
+
+
+def resolve(settings: Settings, gpu_usable: bool, cpus: int) -> Plan:
+    """The plan for ``settings`` on a machine with ``cpus`` cores, with or without a usable GPU.
+
+    ``auto`` placement shares one model process on a GPU (one CUDA session, big batches) and keeps a model in
+    every API worker on the CPU (no HTTP hop between them).
+    """
+    device = settings.device if settings.device != "auto" else ("cuda" if gpu_usable else "cpu")
+    if device == "cuda" and not gpu_usable:
+        raise SettingsError("IMGCLS_DEVICE=cuda but no usable GPU (NVIDIA driver + CUDA provider); set it to cpu.")
+    shared = settings.placement == "shared" or (settings.placement == "auto" and device == "cuda")
+    workers = settings.workers or cpus
+    sessions = 1 if shared else workers
+    threads = settings.ort_threads or max(1, cpus // sessions)
+    return Plan(device, shared, workers, settings.max_batch_size or DEFAULT_BATCH[device], threads)
+
+
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -14,6 +14,8 @@ import io
 import typing as t
 
 import numpy as np
+
+# Private: bentoml exports IODescriptor but not the root model its clients need for a raw-bytes body.
 from _bentoml_sdk.io_models import IORootModel
 from starlette.responses import Response
 
@@ -56,6 +58,7 @@ class NpyArray(IORootModel[bytes]):
     """BentoML IO spec: an ndarray in the Python API, a ``.npy`` body on the wire (both directions)."""
 
     media_type: t.ClassVar[str | None] = MEDIA_TYPE
+    __root_input__: t.ClassVar[bool] = True  # the API method takes the array as its one argument
 
     @classmethod
     def from_inputs(cls, *args: t.Any, **kwargs: t.Any) -> NpyArray:

@@ -11,8 +11,8 @@ import requests
 import yaml
 from PIL import Image
 
-from service.inference_log import log_files, parse_line
-from tests.conftest import ROOT, start_server, stop_server
+from imgcls.inference_log import log_files, parse_line
+from tests.helpers import ROOT, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -42,8 +42,8 @@ def test_built_bento_serves_classify_and_flushes_its_log_on_shutdown(tiny_model,
         resp = requests.post(srv.url + "/classify", files=files, timeout=60)
         assert resp.status_code == 200, resp.text
         assert resp.json()["model"] == tiny_model
-        assert "image_model" in srv.output()  # the model ran in its own service
+        assert "shared_model" in srv.output()  # the model ran in its own service
     finally:
-        stop_server(srv.proc)  # graceful: the service's shutdown hook flushes the inference log
+        srv.stop()  # graceful: the service's shutdown hook flushes the inference log
     logged = [parse_line(line) for path in log_files(srv.log_dir) for line in path.read_bytes().splitlines()]
     assert resp.json()["request_id"] in {r["request_id"] for r in logged if r}

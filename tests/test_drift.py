@@ -23,15 +23,14 @@ import pytest
 
 from drift.__main__ import main
 from drift.logread import LogError, parse_since, read_log
-from drift.promfile import render, write_textfile
+from drift.promfile import registry, render, write_textfile
 from drift.report import DriftConfig, drift_report
-from service.artifacts import REFERENCE_FILE
-from service.imagestats import STAT_FIELDS
-from service.inference_log import EMBEDDING_PREFIX, encode, make_record
+from imgcls.imagestats import STAT_FIELDS
+from imgcls.inference_log import EMBEDDING_PREFIX, encode, make_record
+from imgcls.model_files import reference_file
+from tests.helpers import ROOT
 
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 CLASSES = ("circle", "square", "triangle", "star")
 DIM = 16
@@ -59,22 +58,33 @@ def synthetic_rows(n: int, seed: int, brightness_shift: float = 0.0) -> pd.DataF
     frame["aspect_ratio"] = frame["width"] / frame["height"]
     frame["label"] = [CLASSES[i] for i in label_idx]
     frame["confidence"] = rng.beta(8, 2, size=n)
+    frame["ood_score"] = np.sqrt(rng.chisquare(DIM + 6, size=n))
     centroids = np.random.default_rng(1234).normal(size=(len(CLASSES), DIM))
     emb = centroids[label_idx] + 0.8 * rng.normal(size=(n, DIM))
     for j in range(DIM):
         frame[f"{EMBEDDING_PREFIX}{j}"] = emb[:, j]
-    return frame[[*STAT_FIELDS, "label", "confidence", *(f"{EMBEDDING_PREFIX}{j}" for j in range(DIM))]]
+    return frame[[*STAT_FIELDS, "label", "confidence", "ood_score", *(f"{EMBEDDING_PREFIX}{j}" for j in range(DIM))]]
 
 
-def write_log(path: Path, rows: pd.DataFrame, model: str, start: datetime = T0) -> None:
+def write_log(
+    path: Path,
+    rows: pd.DataFrame,
+    model: str,
+    start: datetime = T0,
+    variant: str = "int8",
+    source: str = "production",
+) -> None:
     """Write rows as inference-log lines with the service's schema functions."""
     emb_cols = [c for c in rows.columns if c.startswith(EMBEDDING_PREFIX)]
     stats, embs = rows[list(STAT_FIELDS)].to_dict("records"), rows[emb_cols].to_numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "ab") as f:
-        for i, (s, label, conf) in enumerate(zip(stats, rows["label"], rows["confidence"], strict=True)):
+        for i, (s, label, conf, ood) in enumerate(
+            zip(stats, rows["label"], rows["confidence"], rows["ood_score"], strict=True)
+        ):
             when = start + timedelta(seconds=i)
-            f.write(encode(make_record(uuid.uuid4().hex, model, label, conf, s, embs[i].tolist(), time=when)))
+            fields = (model, variant, label, conf, ood, ood > 7.0, s, embs[i].tolist(), source)
+            f.write(encode(make_record(uuid.uuid4().hex, *fields, time=when)))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +93,8 @@ def stored_model(bentoml_home) -> str:
     import bentoml
 
     with bentoml.models.create("drift-synthetic") as model:
-        synthetic_rows(2000, seed=0).to_parquet(Path(model.path) / REFERENCE_FILE)
+        for variant in ("int8", "fp16"):
+            synthetic_rows(2000, seed=0).to_parquet(Path(model.path) / reference_file(variant))
     return str(model.tag)
 
 
@@ -118,8 +129,8 @@ def test_corrupt_and_truncated_lines_are_skipped_and_counted(stored_model, tmp_p
         b"\x00\x00\x00\x00\n",  # zero-filled block after a crash
         good[1][: len(good[1]) // 2] + b"\n",  # torn in the middle
     ]
-    # A rotated file with the bad lines between good ones, ending in a line cut short by a crash (no newline).
-    (folder / "inference-b.jsonl.1").write_bytes(b"".join(good[2:5] + bad + good[5:7]) + good[7][:40])
+    # A second file with the bad lines between good ones, ending in a line cut short by a crash (no newline).
+    (folder / "inference-b.jsonl").write_bytes(b"".join(good[2:5] + bad + good[5:7]) + good[7][:40])
     data = read_log(folder)
     assert data.skipped == len(bad) + 1
     assert len(data.frame) == 150 + 5 and data.model == stored_model
@@ -170,12 +181,14 @@ def test_unknown_model_in_log_says_where_to_look(bentoml_home, tmp_path, capsys)
 
 def test_prometheus_file_is_valid(tmp_path):
     reference, current = synthetic_rows(500, seed=9), synthetic_rows(200, seed=10)
-    result = drift_report(reference, current, None, DriftConfig(plot_points=100))
-    path = write_textfile(tmp_path / "drift.prom", render(result, 'image-classifier:"x"', skipped_lines=3))
+    result = drift_report(reference, current, None, DriftConfig())
+    path = write_textfile(tmp_path / "drift.prom", registry(result, 'image-classifier:"x"', skipped_lines=3))
     text = path.read_text()
+    rendered = render(result, 'image-classifier:"x"', skipped_lines=3)
+    assert [ln.split(" ")[0] for ln in rendered.splitlines()] == [ln.split(" ")[0] for ln in text.splitlines()]
     assert 'imgcls_drift_skipped_lines{model="image-classifier:\\"x\\""} 3.0' in text
-    assert "imgcls_drift_embedding_score{" in text and 'feature="brightness"' in text
-    assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed, not left behind
+    assert "imgcls_drift_embedding_score{" in text and 'feature="brightness"' in text and 'feature="ood_score"' in text
+    assert [p.name for p in tmp_path.iterdir()] == ["drift.prom"]  # the temp file was renamed, not left behind
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (make system-deps installs it)")
@@ -200,3 +213,36 @@ def test_large_log_is_sampled_and_judged(stored_model, bentoml_home, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "sampled: 20,000 of 100,000 rows" in proc.stdout
     assert "sampled: 20,000 of 100,000 rows" in next((tmp_path / "reports").glob("*.html")).read_text()
+
+
+def test_load_test_and_simulated_traffic_stay_out_of_the_window_unless_asked(stored_model, tmp_path, capsys):
+    """Right after a load test, the production window is judged on production traffic only."""
+    folder = tmp_path / "log"
+    write_log(folder / "inference-1.jsonl", synthetic_rows(300, seed=20), stored_model)
+    shifted = synthetic_rows(300, seed=21, brightness_shift=0.15)
+    write_log(folder / "inference-2.jsonl", shifted, stored_model, source="loadtest")
+    assert main(["--log-dir", str(folder), "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "300 of other traffic sources" in out and "verdict: no drift" in out
+    assert main(["--log-dir", str(folder), "--out", str(tmp_path / "b"), "--source", "loadtest"]) == 1
+    assert main(["--log-dir", str(folder), "--out", str(tmp_path / "c"), "--all-sources"]) == 1
+    assert main(["--log-dir", str(folder), "--out", str(tmp_path / "d"), "--source", "nobody"]) == 2
+    assert "sources found: production (300), loadtest (300)" in capsys.readouterr().err
+
+
+def test_each_variant_is_judged_against_its_own_reference(stored_model, tmp_path, capsys):
+    folder = tmp_path / "log"
+    write_log(folder / "inference-1.jsonl", synthetic_rows(200, seed=22), stored_model, variant="int8")
+    write_log(folder / "inference-2.jsonl", synthetic_rows(200, seed=23), stored_model, variant="fp16")
+    assert main(["--log-dir", str(folder), "--out", str(tmp_path / "a")]) == 2
+    assert "--variant" in capsys.readouterr().err
+    assert main(["--log-dir", str(folder), "--out", str(tmp_path / "b"), "--variant", "fp16"]) == 0
+    assert "(fp16)" in next((tmp_path / "b").glob("*.html")).read_text()
+
+
+def test_help_lists_the_exit_codes_and_the_default_log_folder(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "exit codes:" in out and "0  no drift" in out and "2  cannot judge" in out
+    assert "inference_log" in out

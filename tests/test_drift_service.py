@@ -18,7 +18,7 @@ from drift.__main__ import main
 from drift.logread import read_log
 from drift.reference import load_reference
 from drift.report import DriftConfig, drift_report
-from drift.simulate import demo_images, simulate
+from drift.simulate import SOURCE, demo_images, simulate
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -30,7 +30,8 @@ def send(server, model: str, shift: str, n: int, seed: int) -> tuple[datetime, p
     assert result.ok == n, f"{result.errors}\n{server.output()[-3000:]}"
     deadline = time.monotonic() + 30  # the log writer flushes about every second
     while True:
-        frame = read_log(server.log_dir, since=start).frame if server.log_dir.exists() else pd.DataFrame()
+        exists = server.log_dir.exists()
+        frame = read_log(server.log_dir, since=start, sources=frozenset({SOURCE})).frame if exists else pd.DataFrame()
         if len(frame) >= n or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -40,7 +41,7 @@ def send(server, model: str, shift: str, n: int, seed: int) -> tuple[datetime, p
 
 def run_job(server, start: datetime, out) -> tuple[int, dict]:
     """`python -m drift` over the log from ``start`` on; returns the exit code and the JSON summary."""
-    code = main(["--log-dir", str(server.log_dir), "--since", start.isoformat(), "--out", str(out)])
+    code = main(["--log-dir", str(server.log_dir), "--since", start.isoformat(), "--out", str(out), "--source", SOURCE])
     summary = json.loads(next(out.glob("drift-*.json")).read_text())["summary"] if code in (0, 1) else {}
     return code, summary
 
@@ -61,11 +62,11 @@ def test_in_distribution_traffic_rarely_raises_drift(server, tiny_model):
     about 3.5%; with these fixed seeds the outcome is reproducible.
     """
     _, frame = send(server, tiny_model, "none", 1000, seed=1)
-    reference = load_reference(tiny_model)
+    reference = load_reference(tiny_model, "int8")
     order = np.random.default_rng(0).permutation(len(frame))
     alarms = []
     for k, window in enumerate(np.array_split(order, 10)):
-        result = drift_report(reference, frame.iloc[window], None, DriftConfig(plot_points=100))
+        result = drift_report(reference, frame.iloc[window], None, DriftConfig())
         if result.drift:
             alarms.append((k, [c.feature for c in result.columns if c.drifted]))
     assert len(alarms) <= 1, f"false alarms on in-distribution traffic: {alarms}"

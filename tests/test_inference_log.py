@@ -10,13 +10,24 @@ import sys
 import time
 from pathlib import Path
 
-from service.imagestats import STAT_FIELDS
-from service.inference_log import InferenceLogWriter, encode, log_files, make_record, parse_line
+import numpy as np
+
+from imgcls.imagestats import STAT_FIELDS
+from imgcls.inference_log import (
+    THUMBNAIL_DIR,
+    InferenceLogWriter,
+    default_log_dir,
+    encode,
+    log_files,
+    make_record,
+    parse_line,
+)
+from tests.helpers import ROOT
 
 
-def record(i: int) -> dict:
+def record(i: int, source: str = "production") -> dict:
     stats = dict.fromkeys(STAT_FIELDS, 0.5)
-    return make_record(f"req-{i}", "image-classifier:abc", "circle", 0.9, stats, [0.1] * 16)
+    return make_record(f"req-{i}", "image-classifier:abc", "int8", "circle", 0.9, 3.2, False, stats, [0.1] * 16, source)
 
 
 def read_all(folder: Path) -> list[dict]:
@@ -35,6 +46,21 @@ def test_record_round_trips_and_bad_lines_are_rejected():
     broken = json.loads(line)
     broken["confidence"] = "high"
     assert parse_line(json.dumps(broken)) is None
+    future = {**json.loads(line), "v": 99}
+    assert parse_line(json.dumps(future)) is None, "a version this code does not know is not guessed at"
+
+
+def test_version_1_lines_still_read_as_production_traffic():
+    v1 = {k: v for k, v in json.loads(encode(record(1))).items() if k not in ("source", "variant", "ood_score")}
+    v1.pop("unfamiliar")
+    parsed = parse_line(json.dumps({**v1, "v": 1}))
+    assert parsed["source"] == "production" and parsed["variant"] is None and parsed["ood_score"] is None
+
+
+def test_the_log_folder_defaults_to_one_absolute_place_for_every_process(tmp_path):
+    assert default_log_dir({"IMGCLS_LOG_DIR": "rel/logs"}) == Path.cwd() / "rel" / "logs"
+    assert default_log_dir({"BENTOML_HOME": str(tmp_path)}) == tmp_path / "inference_log"
+    assert default_log_dir({}) == Path.home() / "bentoml" / "inference_log"
 
 
 def test_close_flushes_everything(tmp_path):
@@ -67,14 +93,43 @@ def test_rotation_by_size_keeps_every_record(tmp_path):
     assert sorted(int(r["request_id"][4:]) for r in read_all(tmp_path)) == list(range(200))
 
 
+def test_retention_deletes_the_oldest_files_but_never_one_being_written(tmp_path):
+    writer = InferenceLogWriter(tmp_path, max_bytes=2048, max_total_bytes=8192, flush_interval=0.02)
+    for i in range(400):
+        writer.write(record(i))
+        if i % 10 == 0:
+            time.sleep(0.03)
+    writer.close()
+    files = log_files(tmp_path)
+    assert sum(f.stat().st_size for f in files) <= 8192 + 2 * 2048
+    kept = sorted(int(r["request_id"][4:]) for r in read_all(tmp_path))
+    assert kept[-1] == 399 and kept == list(range(kept[0], 400)), "the newest records are kept, without gaps"
+
+
+def test_thumbnails_of_unfamiliar_images_are_saved_small(tmp_path):
+    writer = InferenceLogWriter(tmp_path, flush_interval=0.05)
+    writer.write(record(7), thumbnail=np.full((224, 224, 3), 128, np.uint8))
+    writer.close()
+    (thumb,) = (tmp_path / THUMBNAIL_DIR).glob("*.jpg")
+    assert thumb.name == "req-7.jpg" and thumb.stat().st_size < 5000
+
+
+def test_per_pod_subfolders_are_found(tmp_path):
+    for pod in ("pod-a", "pod-b"):
+        writer = InferenceLogWriter(tmp_path / pod, flush_interval=0.05)
+        writer.write(record(1))
+        writer.close()
+    assert {f.parent.name for f in log_files(tmp_path)} == {"pod-a", "pod-b"}
+
+
 WRITER_SCRIPT = """
 import sys, time
-from service.inference_log import InferenceLogWriter, make_record
-from service.imagestats import STAT_FIELDS
+from imgcls.inference_log import InferenceLogWriter, make_record
+from imgcls.imagestats import STAT_FIELDS
 w = InferenceLogWriter(sys.argv[1], flush_interval=0.1, max_bytes=20000)
-i = 0
+stats, i = dict.fromkeys(STAT_FIELDS, 1.0), 0
 while True:
-    w.write(make_record(f"{sys.argv[2]}-{i}", "m:1", "a", 0.5, dict.fromkeys(STAT_FIELDS, 1.0), [0.0] * 8))
+    w.write(make_record(f"{sys.argv[2]}-{i}", "m:1", "int8", "a", 0.5, 1.0, False, stats, [0.0] * 8))
     i += 1
     if i % 50 == 0:
         time.sleep(0.01)
@@ -83,7 +138,7 @@ while True:
 
 def test_concurrent_writers_killed_hard_leave_only_whole_lines(tmp_path):
     """Four processes write at once and are SIGKILLed: no torn line, and each lost at most ~its last flush."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, str(tmp_path), f"p{n}"], env=env) for n in range(4)]
     time.sleep(3)
     for p in procs:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from loadtest import images, promscrape, report, scenarios
 from loadtest.stepstats import Snapshot, StepPlan, headline, meets_slo, percentile, step_result, step_schedule
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_step_schedule_lists_and_geometric_ranges():

@@ -2,39 +2,22 @@
 
 from __future__ import annotations
 
-import io
-import zlib
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from service.imagestats import STAT_FIELDS, image_stats
-from service.preprocess import ImageError, PreprocessSpec, preprocess_bytes
+from imgcls.errors import ApiError
+from imgcls.imagestats import STAT_FIELDS, image_stats
+from imgcls.preprocess import DecodeLimits, PreprocessSpec, preprocess_bytes
+from tests.helpers import costly_webp, encode, png_bomb
 
 SPEC = PreprocessSpec(size=32)
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def gradient(w: int, h: int) -> Image.Image:
     x = np.linspace(0, 255, w, dtype=np.float32)[None, :].repeat(h, 0)
     y = np.linspace(0, 255, h, dtype=np.float32)[:, None].repeat(w, 1)
     return Image.fromarray(np.stack([x, y, 255 - x], -1).astype(np.uint8))
-
-
-def png_bomb(side: int) -> bytes:
-    """A valid PNG header claiming side x side pixels, with a tiny body: must be refused before decoding."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    ihdr = side.to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def exif_rotated_jpeg() -> bytes:
@@ -94,12 +77,13 @@ def test_large_jpeg_decodes_at_reduced_scale_with_true_size():
         (b"this is not an image", 400, "undecodable_image"),
         (encode(gradient(200, 200), "JPEG")[:600], 400, "undecodable_image"),
         (b"%PDF-1.4\n" + b"0" * 100, 400, "undecodable_image"),
-        (png_bomb(40_000), 413, "too_many_pixels"),
+        (png_bomb(), 413, "too_many_pixels"),
+        (costly_webp(5000), 413, "too_costly_to_decode"),
     ],
-    ids=["empty", "garbage", "truncated_jpeg", "pdf", "png_bomb"],
+    ids=["empty", "garbage", "truncated_jpeg", "pdf", "png_bomb", "webp_5000x5000"],
 )
 def test_bad_input_raises_a_client_error(data, status, code):
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(ApiError) as err:
         preprocess_bytes(data, SPEC)
     assert (err.value.status, err.value.code) == (status, code)
     assert err.value.detail
@@ -107,20 +91,51 @@ def test_bad_input_raises_a_client_error(data, status, code):
 
 def test_unsupported_format_is_415():
     ico = encode(gradient(32, 32), "ICO")
-    with pytest.raises(ImageError) as err:
+    with pytest.raises(ApiError) as err:
         preprocess_bytes(ico, SPEC)
     assert err.value.status == 415
 
 
 def test_pixel_limit_is_configurable():
     data = encode(gradient(100, 100), "PNG")
-    with pytest.raises(ImageError) as err:
-        preprocess_bytes(data, SPEC, max_pixels=9_999)
+    with pytest.raises(ApiError) as err:
+        preprocess_bytes(data, SPEC, DecodeLimits(max_pixels=9_999))
     assert err.value.status == 413
-    preprocess_bytes(data, SPEC, max_pixels=10_000)
+    preprocess_bytes(data, SPEC, DecodeLimits(max_pixels=10_000))
 
 
 def test_spec_round_trips_through_json(tmp_path):
     spec = PreprocessSpec(size=96, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     spec.save(tmp_path / "preprocess.json")
     assert PreprocessSpec.load(tmp_path / "preprocess.json") == spec
+
+
+def test_jpeg_decodes_within_the_budget_that_refuses_other_formats_of_the_same_size():
+    """A 12 MP JPEG decodes at 1/8 scale, well inside a 2 MP budget; the same photo as PNG is refused."""
+    limits = DecodeLimits(max_decode_pixels=2_000_000)
+    big = gradient(4032, 3024)
+    pixels, _ = preprocess_bytes(encode(big, "JPEG", quality=80), PreprocessSpec(size=224), limits)
+    assert pixels.shape == (224, 224, 3)
+    with pytest.raises(ApiError) as err:
+        preprocess_bytes(encode(big, "PNG", compress_level=1), SPEC, limits)
+    assert (err.value.status, err.value.code) == (413, "too_costly_to_decode")
+
+
+def test_only_the_first_frame_of_an_animation_is_read():
+    frames = [Image.new("RGB", (40, 30), (255, 0, 0))] + [Image.new("RGB", (40, 30), (0, 0, 255))] * 50
+    gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    pixels, _ = preprocess_bytes(gif, SPEC)
+    assert pixels[..., 0].mean() > 200 and pixels[..., 2].mean() < 50  # red: frame 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("interpolation", "lanczos"), ("size", 0), ("std", (0.2, 0.0, 0.2)), ("resize", "stretch"), ("mean", (0.5,))],
+)
+def test_an_unusable_spec_is_refused_with_the_field_named(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        PreprocessSpec(**{field: value})
+    path = tmp_path / "preprocess.json"
+    path.write_text('{"size": 32, "interpolation": "nearest-ish"}')
+    with pytest.raises(ValueError, match="preprocess.json"):
+        PreprocessSpec.load(path)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from loadtest.servers import free_port
-from tests.test_preprocess import encode, gradient
+from tests.helpers import encode, photo
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -46,7 +46,7 @@ def test_prometheus_scrapes_predictions_and_model_info(server, tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(3):
-            files = {"image": ("x.png", encode(gradient(64, 48), "PNG"), "image/png")}
+            files = {"image": ("x.png", encode(photo(64, 48), "PNG"), "image/png")}
             assert httpx.post(server.url + "/classify", files=files, timeout=30).status_code == 200
         deadline = time.monotonic() + 60
         predictions, info = [], []

@@ -5,51 +5,30 @@ from __future__ import annotations
 import functools
 import io
 import shutil
-import struct
+import socket
 import subprocess
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-from service.inference_log import REQUIRED_FIELDS, log_files, parse_line
+from imgcls.inference_log import REQUIRED_FIELDS, log_files, parse_line
+from tests.helpers import (
+    assert_error,
+    classify,
+    encode,
+    exif_rotated_jpeg,
+    jpeg,
+    metric_values,
+    photo,
+    png_bomb,
+    total,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def photo(w: int = 500, h: int = 375, mode: str = "RGB") -> Image.Image:
-    """A smooth gradient with a bright square, so every mode conversion has something to keep."""
-    x, y = np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h))
-    rgb = np.stack([x, y, 255 - x], axis=-1).astype(np.uint8)
-    rgb[h // 4 : h // 2, w // 4 : w // 2] = 250
-    return Image.fromarray(rgb).convert(mode)
-
-
-def exif_rotated_jpeg() -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    return encode(photo(400, 100), "JPEG", exif=exif.tobytes())
-
-
-def png_bomb(width: int = 40000, height: int = 40000) -> bytes:
-    """A PNG whose header claims width x height pixels; the pixel data is a token (never decoded)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 @functools.cache
@@ -86,59 +65,35 @@ def unusual_images() -> dict[str, tuple[bytes, str]]:
 
 
 @pytest.fixture(scope="module")
-def jpeg() -> bytes:
-    return encode(photo(), "JPEG", quality=90)
+def photo_jpeg() -> bytes:
+    return jpeg()
 
 
-def classify(server, data: bytes, content_type: str = "image/jpeg", **fields) -> requests.Response:
-    files = {"image": ("photo.jpg", data, content_type)}
-    return requests.post(server.url + "/classify", files=files, data=fields, timeout=60)
-
-
-def metric_values(server) -> dict[tuple[str, tuple], float]:
-    text = requests.get(server.url + "/metrics", timeout=10).text
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return values
-
-
-def total(values: dict, name: str, **labels) -> float:
-    return sum(v for (n, lbls), v in values.items() if n == name and all((k, v2) in lbls for k, v2 in labels.items()))
-
-
-def assert_error(resp: requests.Response, status: int, code: str) -> None:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert body["error"] == code, body
-    assert isinstance(body["detail"], str) and len(body["detail"]) > 10
-
-
-def test_classify_jpeg_returns_label_scores_model_and_request_id(server, tiny_model, jpeg):
-    resp = classify(server, jpeg)
+def test_classify_jpeg_returns_label_scores_model_and_request_id(server, tiny_model, photo_jpeg):
+    resp = classify(server, photo_jpeg)
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    assert set(body) == {"label", "score", "top_k", "model", "request_id"}
+    assert set(body) == {"label", "score", "top_k", "unfamiliar", "ood_score", "model", "request_id"}
+    assert isinstance(body["unfamiliar"], bool) and body["ood_score"] >= 0
     assert body["model"] == tiny_model
     assert len(body["top_k"]) == 5 and body["top_k"][0] == {"label": body["label"], "score": body["score"]}
     scores = [p["score"] for p in body["top_k"]]
     assert scores == sorted(scores, reverse=True) and 0 < body["score"] <= 1
-    assert classify(server, jpeg, top_k="2").json()["top_k"][:1] == body["top_k"][:1]
-    assert len(classify(server, jpeg, top_k="2").json()["top_k"]) == 2
+    assert classify(server, photo_jpeg, top_k="2").json()["top_k"][:1] == body["top_k"][:1]
+    assert len(classify(server, photo_jpeg, top_k="2").json()["top_k"]) == 2
 
 
-def test_curl_upload_just_works(server, jpeg, tmp_path):
+def test_curl_upload_just_works(server, photo_jpeg, tmp_path):
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     path = tmp_path / "bird.jpg"
-    path.write_bytes(jpeg)
+    path.write_bytes(photo_jpeg)
     out = subprocess.run(["curl", "-sf", "-F", f"image=@{path}", server.url + "/classify"], capture_output=True)
     assert out.returncode == 0 and b'"label"' in out.stdout
 
 
-def test_raw_image_body_is_accepted(server, jpeg):
-    resp = requests.post(server.url + "/classify?top_k=1", data=jpeg, headers={"Content-Type": "image/jpeg"})
+def test_raw_image_body_is_accepted(server, photo_jpeg):
+    resp = requests.post(server.url + "/classify?top_k=1", data=photo_jpeg, headers={"Content-Type": "image/jpeg"})
     assert resp.status_code == 200 and len(resp.json()["top_k"]) == 1
 
 
@@ -174,15 +129,31 @@ def test_bad_uploads_get_4xx_json(server, data, status, code):
     assert_error(classify(server, data), status, code)
 
 
-def test_body_over_10_mib_is_refused_with_413(server):
+def test_limits_are_per_image_and_per_request(server):
+    """An image over 10 MiB is refused; four 5 MB phone photos in one batch are not; a 70 MB body is refused from
+    its Content-Length before it is read."""
     big = b"\xff\xd8" + b"\0" * (10 * 1024 * 1024 + 10)
-    assert_error(classify(server, big), 413, "body_too_large")
+    assert_error(classify(server, big), 413, "image_too_large")
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (1500, 2000, 3), dtype=np.uint8))
+    phone = encode(noisy, "JPEG", quality=95)
+    assert 2_000_000 < len(phone) < 10 << 20
+    files = [("images", (f"{i}.jpg", phone, "image/jpeg")) for i in range(4)]
+    resp = requests.post(server.url + "/classify_batch", files=files, timeout=120)
+    assert resp.status_code == 200 and all("label" in r for r in resp.json()["results"]), resp.text[:300]
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(
+            b"POST /classify_batch HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 70000000\r\n\r\n"
+        )
+        head = sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 413") and b"body_too_large" in head
 
 
-def test_request_errors_get_400_json(server, jpeg):
-    assert_error(requests.post(server.url + "/classify", files={"photo": ("a.jpg", jpeg)}), 400, "missing_field")
+def test_request_errors_get_400_json(server, photo_jpeg):
+    assert_error(requests.post(server.url + "/classify", files={"photo": ("a.jpg", photo_jpeg)}), 400, "missing_field")
     assert_error(requests.post(server.url + "/classify", data={"top_k": "3"}), 400, "not_multipart")
-    assert_error(classify(server, jpeg, top_k="zero"), 400, "invalid_top_k")
+    assert_error(classify(server, photo_jpeg, top_k="zero"), 400, "invalid_top_k")
     garbage = requests.post(
         server.url + "/classify", data=b"--x\r\ngarbage", headers={"Content-Type": "multipart/form-data; boundary=x"}
     )
@@ -191,10 +162,10 @@ def test_request_errors_get_400_json(server, jpeg):
     assert_error(url_instead_of_file, 400, "not_multipart")
 
 
-def test_batch_endpoint_returns_results_in_order(server, tiny_model, jpeg):
-    single = classify(server, jpeg).json()
+def test_batch_endpoint_returns_results_in_order(server, tiny_model, photo_jpeg):
+    single = classify(server, photo_jpeg).json()
     files = [
-        ("images", ("a.jpg", jpeg, "image/jpeg")),
+        ("images", ("a.jpg", photo_jpeg, "image/jpeg")),
         ("images", ("b.txt", b"not an image", "text/plain")),
         ("images", ("c.png", unusual_images()["rgba_png"][0], "image/png")),
     ]
@@ -208,17 +179,19 @@ def test_batch_endpoint_returns_results_in_order(server, tiny_model, jpeg):
     assert third["label"]
 
 
-def test_batch_endpoint_limits_the_number_of_files(server, jpeg):
-    files = [("images", (f"{i}.jpg", jpeg, "image/jpeg")) for i in range(65)]
+def test_batch_endpoint_limits_the_number_of_files(server, photo_jpeg):
+    files = [("images", (f"{i}.jpg", photo_jpeg, "image/jpeg")) for i in range(65)]
     assert_error(requests.post(server.url + "/classify_batch", files=files, timeout=60), 413, "too_many_files")
-    assert_error(requests.post(server.url + "/classify_batch", files={"image": ("a.jpg", jpeg)}), 400, "missing_field")
+    assert_error(
+        requests.post(server.url + "/classify_batch", files={"image": ("a.jpg", photo_jpeg)}), 400, "missing_field"
+    )
 
 
-def test_sync_http_client_works(server, tiny_model, jpeg, tmp_path):
+def test_sync_http_client_works(server, tiny_model, photo_jpeg, tmp_path):
     import bentoml
 
     path = tmp_path / "photo.jpg"
-    path.write_bytes(jpeg)
+    path.write_bytes(photo_jpeg)
     with bentoml.SyncHTTPClient(server.url) as client:
         result = client.classify(image=path, top_k=2)
         batch = client.classify_batch(images=[path, path])
@@ -235,11 +208,11 @@ def test_probes_and_openapi_page(server):
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
 
-def test_metrics_move_and_pass_promtool(server, jpeg):
-    before = metric_values(server)
-    label = classify(server, jpeg).json()["label"]
+def test_metrics_move_and_pass_promtool(server, photo_jpeg):
+    before = metric_values(server.url)
+    label = classify(server, photo_jpeg).json()["label"]
     classify(server, b"")
-    after = metric_values(server)
+    after = metric_values(server.url)
     counts = {
         ("imgcls_predictions_total", ("label", label)),
         ("imgcls_confidence_count", None),
@@ -247,6 +220,7 @@ def test_metrics_move_and_pass_promtool(server, jpeg):
         ("imgcls_preprocess_seconds_count", None),
         ("imgcls_model_seconds_count", None),
         ("imgcls_batch_size_count", None),
+        ("imgcls_ood_score_count", None),
     }
     grew = {}
     for name, label_pair in counts:
@@ -262,8 +236,8 @@ def test_metrics_move_and_pass_promtool(server, jpeg):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_every_classified_image_is_logged_within_seconds(server, tiny_model, jpeg):
-    ids = [classify(server, jpeg).json()["request_id"] for _ in range(3)]
+def test_every_classified_image_is_logged_within_seconds(server, tiny_model, photo_jpeg):
+    ids = [classify(server, photo_jpeg).json()["request_id"] for _ in range(3)]
     deadline, found = time.monotonic() + 10, {}
     while time.monotonic() < deadline and len(found) < 3:
         time.sleep(0.5)
@@ -277,3 +251,4 @@ def test_every_classified_image_is_logged_within_seconds(server, tiny_model, jpe
     record = found[ids[0]]
     assert all(k in record for k in REQUIRED_FIELDS) and record["model"] == tiny_model
     assert len(record["embedding"]) > 0 and record["width"] == 500.0 and record["height"] == 375.0
+    assert (record["source"], record["variant"]) == ("production", "int8") and record["ood_score"] >= 0

@@ -9,7 +9,7 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import start_server, stop_server
+from tests.helpers import start_server
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.integration]
 
@@ -25,7 +25,7 @@ def test_auto_device_serves_fp16_on_cuda(tiny_model, tmp_path):
         assert len(resp.json()["results"]) == 13 and all("label" in r for r in resp.json()["results"])
         text = requests.get(srv.url + "/metrics", timeout=10).text
     finally:
-        stop_server(srv.proc)
+        srv.stop()
     info = [
         s.labels
         for family in text_string_to_metric_families(text)

@@ -1,15 +1,14 @@
-"""Fast, in-process checks of the service's parts: the request guard, the hop's wire format, settings, model loading,
-batching."""
+"""Fast, in-process checks of the service's parts: the middlewares, the upload parser, the hop's wire format,
+settings and their resolution, model loading, batching."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 import time
-from pathlib import Path
 
-import bentoml
 import httpx
 import numpy as np
 import pytest
@@ -17,72 +16,165 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from service import runtime, wire
-from service.coalesce import Coalescer
-from service.errors import RequestGuard
-from service.model import InProcessBatching, Model
-from service.settings import Settings, SettingsError
+from imgcls.errors import ApiError
+from imgcls.model_files import ModelFilesError, open_model
+from service import session, wire
+from service.batching import Batcher, in_process
+from service.middleware import ApiKeyAuth, ConcurrencyLimit, Deadline, ErrorShape, KeepAliveLimit, UploadReceiver
+from service.parse import UPLOAD_KEY, UploadSpec
+from service.settings import Plan, Settings, SettingsError, resolve
 
 
 def _app(delay: float = 0.0, status: int = 200, body: object = None) -> Starlette:
     async def handler(request):
+        upload = request.scope.get(UPLOAD_KEY)
         await request.body()
         await asyncio.sleep(delay)
-        return JSONResponse(body if body is not None else {"ok": True}, status_code=status)
+        payload = body if body is not None else {"ok": True, "files": len(upload.files) if upload else None}
+        return JSONResponse(payload, status_code=status)
 
-    return Starlette(routes=[Route("/classify", handler, methods=["POST"]), Route("/other", handler, methods=["POST"])])
+    routes = [Route("/classify", handler, methods=["POST", "GET"]), Route("/other", handler, methods=["POST"])]
+    return Starlette(routes=routes)
 
 
-def _guarded(app, **kw) -> httpx.AsyncClient:
-    opts = dict(paths=["/classify"], max_body_bytes=1000, max_concurrency=4, timeout_s=5.0, retry_after_s=2) | kw
-    transport = httpx.ASGITransport(app=RequestGuard(app, **opts))
-    return httpx.AsyncClient(transport=transport, base_url="http://test")
+SPECS = {"/classify": UploadSpec("image", 1, max_image_bytes=800, raw_body=True)}
+
+
+def _client(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def _receiver(app, **kw) -> UploadReceiver:
+    opts = dict(specs=SPECS, max_body_bytes=1000, timeout_s=5.0, buffer_bytes=10_000) | kw
+    return UploadReceiver(app, **opts)
 
 
 def run(coro):
     return asyncio.run(coro)
 
 
+def post_raw(client, content, **kw):
+    return client.post("/classify", content=content, headers={"Content-Type": "image/jpeg"}, **kw)
+
+
 def test_body_over_the_limit_is_refused_from_content_length():
     async def go():
-        async with _guarded(_app()) as client:
-            return await client.post("/classify", content=b"x" * 1001)
+        async with _client(_receiver(_app())) as client:
+            return await post_raw(client, b"x" * 1001)
 
     resp = run(go())
-    assert resp.status_code == 413
-    assert resp.json()["error"] == "body_too_large"
+    assert resp.status_code == 413 and resp.json()["error"] == "body_too_large"
     assert "IMGCLS_MAX_BODY_BYTES" in resp.json()["detail"]
 
 
-def test_chunked_body_over_the_limit_is_refused_and_a_small_one_passes():
+def test_chunked_body_over_the_limit_is_refused_and_a_small_one_passes_parsed():
     async def chunks(n):
         for _ in range(n):
             yield b"x" * 300
 
     async def go():
-        async with _guarded(_app()) as client:
-            return await client.post("/classify", content=chunks(4)), await client.post("/classify", content=chunks(2))
+        async with _client(_receiver(_app())) as client:
+            return await post_raw(client, chunks(4)), await post_raw(client, chunks(2))
 
     big, small = run(go())
     assert big.status_code == 413 and big.json()["error"] == "body_too_large"
-    assert small.status_code == 200
+    assert small.status_code == 200 and small.json()["files"] == 1  # the handler got the parsed upload
 
 
-def test_too_many_requests_in_flight_get_503_with_retry_after():
+def test_a_single_image_over_its_own_limit_is_refused():
     async def go():
-        async with _guarded(_app(delay=0.3), max_concurrency=2) as client:
+        async with _client(_receiver(_app(), max_body_bytes=2000)) as client:
+            files = {"image": ("a.jpg", b"y" * 900, "image/jpeg")}
+            return await client.post("/classify", files=files)
+
+    resp = run(go())
+    assert resp.status_code == 413 and resp.json()["error"] == "image_too_large"
+    assert "IMGCLS_MAX_IMAGE_BYTES" in resp.json()["detail"]
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408():
+    async def slow():
+        yield b"x"
+        await asyncio.sleep(2)
+        yield b"y"
+
+    async def go():
+        async with _client(_receiver(_app(), timeout_s=0.3)) as client:
+            return await post_raw(client, slow())
+
+    resp = run(go())
+    assert resp.status_code == 408 and resp.json()["error"] == "body_timeout"
+
+
+def test_uploads_being_received_are_bounded_in_bytes_per_worker():
+    async def slow():
+        yield b"x" * 350
+        await asyncio.sleep(0.5)
+        yield b"y" * 350
+
+    async def go():
+        async with _client(_receiver(_app(), buffer_bytes=1200)) as client:
+            headers = {"Content-Type": "image/jpeg", "Content-Length": "700"}
+            slow_one = asyncio.ensure_future(client.post("/classify", content=slow(), headers=headers))
+            await asyncio.sleep(0.1)
+            refused = await post_raw(client, b"z" * 700)
+            first = await slow_one
+            after = await post_raw(client, b"z" * 700)
+            return first, refused, after
+
+    first, refused, after = run(go())
+    assert refused.status_code == 503 and refused.json()["error"] == "overloaded" and "retry-after" in refused.headers
+    assert first.status_code == after.status_code == 200  # the slow one finished; its reservation was given back
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code", "named"),
+    [
+        ({"data": b"hi", "headers": {"Content-Type": "text/plain"}}, 400, "not_multipart", "Content-Type image/jpeg"),
+        ({"files": {"picture": ("a.jpg", b"\xff\xd8")}}, 400, "missing_field", "`picture`"),
+        ({"files": {"image": ("a.jpg", b"\xff\xd8")}, "data": {"top_k": "zero"}}, 400, "invalid_top_k", "zero"),
+        ({"files": {"image": (None, "http://example.com/a.jpg")}}, 400, "not_a_file", "file part"),
+        (
+            {"files": {"image": ("a.jpg", b"\xff")}, "headers": {"X-Traffic-Source": "a b"}},
+            400,
+            "invalid_traffic_source",
+            "a b",
+        ),
+    ],
+    ids=["text_body", "wrong_field", "bad_top_k", "url_not_file", "bad_source"],
+)
+def test_parse_errors_name_what_was_wrong_and_how_to_send_it(kwargs, status, code, named):
+    async def go():
+        async with _client(_receiver(_app())) as client:
+            return await client.post("/classify", **kwargs)
+
+    resp = run(go())
+    assert resp.status_code == status and resp.json()["error"] == code, resp.text
+    assert named in resp.json()["detail"]
+    if code in ("not_multipart", "missing_field"):
+        assert "http://test/classify" in resp.json()["detail"]  # the host and path the client used
+
+
+def test_too_many_requests_in_flight_get_503_with_retry_after_and_the_gauge_follows():
+    changes = []
+
+    async def go():
+        app = ConcurrencyLimit(
+            _app(delay=0.3), ["/classify"], max_concurrency=2, retry_after_s=2, on_change=changes.append
+        )
+        async with _client(app) as client:
             return await asyncio.gather(*(client.post("/classify", content=b"x") for _ in range(5)))
 
     responses = run(go())
     assert sorted(r.status_code for r in responses) == [200, 200, 503, 503, 503]
     refused = next(r for r in responses if r.status_code == 503)
-    assert refused.headers["retry-after"] == "2"
-    assert refused.json()["error"] == "overloaded"
+    assert refused.headers["retry-after"] == "2" and refused.json()["error"] == "overloaded"
+    assert sorted(changes) == [-1, -1, 1, 1] and sum(changes) == 0
 
 
 def test_slow_request_gets_504_in_our_shape():
     async def go():
-        async with _guarded(_app(delay=2.0), timeout_s=0.2) as client:
+        async with _client(Deadline(_app(delay=2.0), ["/classify"], timeout_s=0.2)) as client:
             return await client.post("/classify", content=b"x")
 
     resp = run(go())
@@ -92,33 +184,55 @@ def test_slow_request_gets_504_in_our_shape():
 
 def test_keepalive_connection_is_closed_after_its_request_quota():
     async def go():
-        async with _guarded(_app(), keepalive_requests=3) as client:  # one client address: one connection
+        async with _client(KeepAliveLimit(_app(), max_requests=3)) as client:  # one client address: one connection
             return [await client.post("/classify", content=b"x") for _ in range(6)]
 
     closing = [r.headers.get("connection") == "close" for r in run(go())]
     assert closing == [False, False, True, False, False, True]
 
 
-def test_foreign_error_bodies_are_rewritten_ours_pass_unchanged():
+def test_foreign_error_bodies_are_rewritten_ours_and_probes_pass_unchanged():
     validation = {"error": "1 validation error", "detail": [{"type": "missing", "loc": ["image"], "msg": "required"}]}
 
     async def go():
-        async with _guarded(_app(status=400, body=validation)) as client:
+        async with _client(ErrorShape(_app(status=400, body=validation))) as client:
             foreign = await client.post("/classify", content=b"x")
-        async with _guarded(_app(status=400, body={"error": "empty_image", "detail": "d"})) as client:
+        async with _client(ErrorShape(_app(status=400, body={"error": "empty_image", "detail": "d"}))) as client:
             ours = await client.post("/classify", content=b"x")
-        async with _guarded(_app(status=500, body={"error": "An unexpected error"})) as client:
+        async with _client(ErrorShape(_app(status=500, body={"error": "An unexpected error"}))) as client:
             crash = await client.post("/classify", content=b"x")
-        async with _guarded(_app(status=400, body=validation)) as client:
-            unguarded = await client.post("/other", content=b"x")
-        return foreign, ours, crash, unguarded
+        async with _client(ErrorShape(_app())) as client:
+            missing = await client.get("/nothing-here")
+            wrong_method = await client.put("/classify")
+        return foreign, ours, crash, missing, wrong_method
 
-    foreign, ours, crash, unguarded = run(go())
+    foreign, ours, crash, missing, wrong_method = run(go())
     assert foreign.status_code == 400
     assert foreign.json()["error"] == "missing_field" and "`image`" in foreign.json()["detail"]
     assert ours.json() == {"error": "empty_image", "detail": "d"}
     assert crash.status_code == 500 and crash.json()["error"] == "internal_error"
-    assert unguarded.json() == validation  # other routes are left alone
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"] == "method_not_allowed"
+
+
+def test_api_key_is_required_on_protected_paths_only_and_compared_whole():
+    async def go():
+        app = ApiKeyAuth(_app(), key="s3cret", paths=["/classify"])
+        async with _client(app) as client:
+            basic = base64.b64encode(b"anyone:s3cret").decode()
+            return [
+                await client.post("/classify", content=b"x"),
+                await client.post("/classify", content=b"x", headers={"Authorization": "Bearer s3cre"}),
+                await client.post("/classify", content=b"x", headers={"Authorization": "Bearer s3cret"}),
+                await client.post("/classify", content=b"x", headers={"X-API-Key": "s3cret"}),
+                await client.post("/classify", content=b"x", headers={"Authorization": f"Basic {basic}"}),
+                await client.post("/other", content=b"x"),
+            ]
+
+    none, wrong, bearer, header, basic, other = run(go())
+    assert none.status_code == wrong.status_code == 401 and none.json()["error"] == "unauthorized"
+    assert "Basic" in none.headers["www-authenticate"]
+    assert [r.status_code for r in (bearer, header, basic, other)] == [200, 200, 200, 200]
 
 
 def test_wire_round_trip_is_exact_and_never_unpickles():
@@ -140,47 +254,85 @@ def test_settings_from_env_and_clear_refusals():
     s = Settings.from_env({"IMGCLS_MAX_PIXELS": "50e6", "IMGCLS_DEVICE": "cpu", "IMGCLS_ORT_SPIN": "yes"})
     assert s.max_pixels == 50_000_000 and s.device == "cpu" and s.ort_spin is True
     assert Settings.from_env({}).model == "image-classifier:latest"
-    with pytest.raises(SettingsError, match="IMGCLS_DEVICE"):
-        Settings.from_env({"IMGCLS_DEVICE": "tpu"})
-    with pytest.raises(SettingsError, match="IMGCLS_MAX_FILES"):
-        Settings.from_env({"IMGCLS_MAX_FILES": "many"})
-    with pytest.raises(SettingsError, match="IMGCLS_PLACEMENT"):
-        Settings.from_env({"IMGCLS_PLACEMENT": "gpu"})
-    with pytest.raises(SettingsError, match="IMGCLS_KEEPALIVE_REQUESTS"):
-        Settings.from_env({"IMGCLS_KEEPALIVE_REQUESTS": "-1"})
+    refusals = {
+        "IMGCLS_DEVICE": "tpu",
+        "IMGCLS_MAX_FILES": "many",
+        "IMGCLS_PLACEMENT": "gpu",
+        "IMGCLS_KEEPALIVE_REQUESTS": "-1",
+        "IMGCLS_MAX_BATCH_SIZE": "1",
+        "IMGCLS_BODY_TIMEOUT_S": "0",
+    }
+    for key, value in refusals.items():
+        with pytest.raises(SettingsError, match=key):
+            Settings.from_env({key: value})
+    with pytest.raises(SettingsError, match="IMGCLS_MAX_IMAGE_BYTES"):
+        Settings.from_env({"IMGCLS_MAX_IMAGE_BYTES": "100", "IMGCLS_MAX_BODY_BYTES": "50"})
+
+
+def test_api_key_comes_from_the_variable_or_a_file(tmp_path):
+    (tmp_path / "key").write_text("from-file\n")
+    assert Settings(api_key="k").read_api_key() == "k"
+    assert Settings(api_key_file=str(tmp_path / "key")).read_api_key() == "from-file"
+    with pytest.raises(SettingsError, match="IMGCLS_API_KEY_FILE"):
+        Settings(api_key_file=str(tmp_path / "missing")).read_api_key()
+
+
+@pytest.mark.parametrize(
+    ("settings", "gpu", "cpus", "plan"),
+    [
+        (Settings(), False, 2, Plan("cpu", False, 2, 32, 1)),
+        (Settings(), True, 16, Plan("cuda", True, 16, 128, 16)),
+        (Settings(device="cpu"), True, 16, Plan("cpu", False, 16, 32, 1)),
+        (Settings(placement="shared"), False, 4, Plan("cpu", True, 4, 32, 4)),
+        (Settings(workers=1, max_batch_size=8), False, 4, Plan("cpu", False, 1, 8, 4)),
+        (Settings(ort_threads=3), False, 2, Plan("cpu", False, 2, 32, 3)),
+        (Settings(placement="worker"), True, 8, Plan("cuda", False, 8, 128, 1)),
+    ],
+    ids=["cpu_default", "gpu_default", "cpu_forced", "shared_on_cpu", "one_worker", "explicit_threads", "gpu_worker"],
+)
+def test_resolve_decides_device_placement_batch_and_threads(settings, gpu, cpus, plan):
+    assert resolve(settings, gpu_usable=gpu, cpus=cpus) == plan
+
+
+def test_resolve_refuses_cuda_without_a_gpu():
+    with pytest.raises(SettingsError, match="IMGCLS_DEVICE=cuda"):
+        resolve(Settings(device="cuda"), gpu_usable=False, cpus=2)
 
 
 def test_variant_choice_follows_device_and_respects_the_override():
     all_three = {"fp32": "a", "fp16": "b", "int8": "c"}
-    assert runtime.choose_variant("", "cpu", all_three) == "int8"
-    assert runtime.choose_variant("", "cuda", all_three) == "fp16"
-    assert runtime.choose_variant("fp32", "cuda", all_three) == "fp32"
-    assert runtime.choose_variant("", "cpu", {"fp32": "a"}) == "fp32"
-    with pytest.raises(runtime.ModelLoadError, match="IMGCLS_VARIANT"):
-        runtime.choose_variant("int8", "cpu", {"fp32": "a"})
-    assert runtime.choose_device("cpu") == "cpu"
+    assert session.choose_variant("", "cpu", all_three) == "int8"
+    assert session.choose_variant("", "cuda", all_three) == "fp16"
+    assert session.choose_variant("fp32", "cuda", all_three) == "fp32"
+    assert session.choose_variant("", "cpu", {"fp32": "a"}) == "fp32"
+    with pytest.raises(ModelFilesError, match="IMGCLS_VARIANT"):
+        session.choose_variant("int8", "cpu", {"fp32": "a"})
 
 
 @pytest.mark.slow
-def test_model_loads_on_cpu_and_a_tampered_file_is_refused(tiny_model, tmp_path):
+def test_model_opens_on_cpu_and_a_tampered_or_broken_file_is_refused(tiny_model, tmp_path):
     import bentoml
 
     folder = tmp_path / "model"
     shutil.copytree(bentoml.models.get(tiny_model).path, folder)
-    rt = runtime.load(folder, Settings(device="cpu", max_batch_size=4))
-    assert (rt.provider, rt.variant) == ("CPUExecutionProvider", "int8")
-    probs, emb = rt.run(np.zeros((3, rt.spec.size, rt.spec.size, 3), dtype=np.uint8))
-    assert probs.shape == (3, len(rt.labels)) and np.allclose(probs.sum(axis=1), 1, atol=1e-3)
-    assert emb.shape[0] == 3 and emb.dtype == np.float32
+    files = open_model(folder)
+    model = session.open_session(files, "cpu", "", threads=1)
+    assert (model.provider, model.variant) == ("CPUExecutionProvider", "int8")
+    out = model.infer(np.zeros((3, files.spec.size, files.spec.size, 3), dtype=np.uint8))
+    probs = out[:, : len(files.labels)]
+    assert out.shape[0] == 3 and out.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1, atol=1e-3)
 
     manifest = json.loads((folder / "manifest.json").read_text())
     victim = folder / manifest["variants"]["fp32"]
     victim.write_bytes(victim.read_bytes() + b"\0")
-    with pytest.raises(runtime.ModelLoadError, match="checksum"):
-        runtime.load(folder, Settings(device="cpu"))
+    with pytest.raises(ModelFilesError, match="sha256"):
+        open_model(folder)
+    (folder / "labels.json").unlink()
+    with pytest.raises(ModelFilesError, match="labels.json"):
+        open_model(folder, check_sha256=False)
 
 
-def test_coalescer_shares_hop_calls_under_load_and_returns_each_callers_rows():
+def test_batcher_runs_a_lone_call_at_once_and_batches_what_arrives_meanwhile():
     calls = []
 
     async def model(batch):
@@ -189,67 +341,83 @@ def test_coalescer_shares_hop_calls_under_load_and_returns_each_callers_rows():
         return batch[:, :1].astype(np.float32) * 2  # row i answers input row i
 
     async def go():
-        hop = Coalescer(model, max_batch_size=8, max_in_flight=1)
+        batcher = Batcher(model, max_batch_size=8, max_in_flight=1)
+        started = time.monotonic()
+        await batcher(np.zeros((1, 1), np.uint8))
+        alone = time.monotonic() - started
         inputs = [np.full((1 + i % 2, 1), i, dtype=np.uint8) for i in range(10)]
-        return inputs, await asyncio.gather(*(hop(x) for x in inputs))
+        return alone, inputs, await asyncio.gather(*(batcher(x) for x in inputs))
 
-    inputs, outputs = run(go())
+    alone, inputs, outputs = run(go())
     for x, out in zip(inputs, outputs, strict=True):
         assert out.shape == (len(x), 1) and np.all(out == 2 * x)
-    assert calls[0] == 1  # the first caller did not wait for company
-    assert len(calls) < 10 and max(calls) <= 8 and sum(calls) == sum(len(x) for x in inputs)
+    assert calls[0] == 1 and alone < 0.2  # nothing waited for company
+    assert calls[1] == 1  # the first of the burst went out alone at once; the rest queued behind it
+    assert len(calls) < 11 and max(calls) <= 8 and sum(calls) == 1 + sum(len(x) for x in inputs)
 
 
-def test_coalescer_passes_the_hop_error_to_every_caller_in_the_call():
+def test_batcher_passes_a_call_error_to_every_caller_in_the_call():
     async def broken(batch):
         await asyncio.sleep(0.01)
         raise httpx.ConnectError("model service gone")
 
     async def go():
-        hop = Coalescer(broken, max_batch_size=8, max_in_flight=1)
-        return await asyncio.gather(*(hop(np.zeros((1, 1))) for _ in range(3)), return_exceptions=True)
+        batcher = Batcher(broken, max_batch_size=8, max_in_flight=1)
+        return await asyncio.gather(*(batcher(np.zeros((1, 1))) for _ in range(3)), return_exceptions=True)
 
     assert all(isinstance(r, httpx.ConnectError) for r in run(go()))
 
 
-class FakeRuntime:
-    """Stands in for an onnxruntime session: row i of the output echoes input row i; each run takes ``delay`` s."""
-
-    variant, provider, model_file = "int8", "CPUExecutionProvider", Path("model_int8.onnx")
+class FakeModel:
+    """Stands in for a session: row i of the output echoes input row i; each run takes ``delay`` s."""
 
     def __init__(self, delay: float):
-        self.delay, self.batches = delay, []
+        self.delay, self.batches, self.last_seconds = delay, [], 0.0
 
-    def run(self, pixels):
+    def infer(self, pixels):
         self.batches.append(len(pixels))
         time.sleep(self.delay)
-        probs = pixels.reshape(len(pixels), -1)[:, :2].astype(np.float32)
-        return probs, np.zeros((len(pixels), 3), dtype=np.float32)
+        self.last_seconds = self.delay
+        return pixels.reshape(len(pixels), -1)[:, :2].astype(np.float32)
 
 
-def test_in_process_batching_merges_concurrent_calls_and_returns_each_callers_rows():
-    rt = FakeRuntime(delay=0.02)
+def test_in_process_batches_keep_each_callers_rows():
+    model = FakeModel(delay=0.02)
 
     async def go():
-        batching = InProcessBatching(Model(rt, "m:1"), max_batch_size=8, max_latency_ms=10_000)
+        batcher = Batcher(in_process(model), max_batch_size=8, max_wait_s=10)
         inputs = [np.full((1 + i % 3, 2), i, dtype=np.uint8) for i in range(40)]
-        return inputs, await asyncio.gather(*(batching(x) for x in inputs))
+        return inputs, await asyncio.gather(*(batcher(x) for x in inputs))
 
     inputs, outputs = run(go())
     for x, out in zip(inputs, outputs, strict=True):
-        assert out.shape == (len(x), 5) and np.all(out[:, :2] == x)
-    assert max(rt.batches) <= 8 and sum(rt.batches) == sum(len(x) for x in inputs)
-    assert len(rt.batches) < len(inputs)  # batches were formed
+        assert out.shape == (len(x), 2) and np.all(out == x)
+    assert max(model.batches) <= 8 and sum(model.batches) == sum(len(x) for x in inputs)
+    assert len(model.batches) < len(inputs)  # batches were formed
 
 
-def test_in_process_batching_sheds_load_past_max_latency_as_service_unavailable():
-    rt = FakeRuntime(delay=0.1)
+def test_batcher_sheds_load_past_max_wait_with_503_and_retry_after():
+    model = FakeModel(delay=0.1)
 
     async def go():
-        batching = InProcessBatching(Model(rt, "m:1"), max_batch_size=2, max_latency_ms=150)
-        return await asyncio.gather(*(batching(np.zeros((1, 2), np.uint8)) for _ in range(30)), return_exceptions=True)
+        batcher = Batcher(in_process(model), max_batch_size=2, max_wait_s=0.15, retry_after_s=3)
+        return await asyncio.gather(*(batcher(np.zeros((1, 2), np.uint8)) for _ in range(30)), return_exceptions=True)
 
     results = run(go())
-    shed = [r for r in results if isinstance(r, bentoml.exceptions.ServiceUnavailable)]
+    shed = [r for r in results if isinstance(r, ApiError)]
     assert shed and all(isinstance(r, np.ndarray) or r in shed for r in results)
-    assert shed[0].error_code.value == 503  # the API answers 503 + Retry-After
+    assert (shed[0].status, shed[0].code, shed[0].retry_after) == (503, "overloaded", 3)
+
+
+def test_latency_after_a_burst_is_back_to_idle_at_once():
+    """Nothing is learned from a burst: the next lone call goes straight to the model."""
+    model = FakeModel(delay=0.01)
+
+    async def go():
+        batcher = Batcher(in_process(model), max_batch_size=4, max_wait_s=10)
+        await asyncio.gather(*(batcher(np.zeros((1, 2), np.uint8)) for _ in range(200)))
+        started = time.monotonic()
+        await batcher(np.zeros((1, 2), np.uint8))
+        return time.monotonic() - started
+
+    assert run(go()) < 0.05

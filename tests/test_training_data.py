@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.preprocess import PreprocessSpec
-from training.config import ConfigError, TrainConfig, parse_overrides
+from imgcls.demo_images import DemoParams, render
+from imgcls.preprocess import PreprocessSpec
+from tests.helpers import ROOT
+from training.config import ConfigError, TrainConfig, help_text, parse_overrides
 from training.dataset import DatasetError, discover, load
-from training.demo_data import MARKER_FILE, DemoParams, ensure_demo_data, render
+from training.demo_data import MARKER_FILE, ensure_demo_data
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = DemoParams(classes=3, per_class=8, image_size=128)
 
 
@@ -116,7 +117,7 @@ def test_class_without_images(tmp_path):
         _write_image(tmp_path / "full" / f"{i}.jpg")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no pictures here")
-    with pytest.raises(DatasetError, match="empty.*no JPEG, PNG or WebP"):
+    with pytest.raises(DatasetError, match="empty.*no images"):
         discover(tmp_path)
 
 
@@ -163,12 +164,22 @@ def test_config_overrides():
         TrainConfig(demo=True, embedding_dim=65).validate()
 
 
+def test_boolean_options_take_the_values_help_shows():
+    """`--help` shows `--store true`; `--store false` must then work, as must the bare flag forms."""
+    assert "--store                true" in help_text()
+    assert parse_overrides(["--demo", "--store", "false"]).store is False
+    assert parse_overrides(["--demo", "--store", "true", "--epochs", "2"]).store is True
+    assert parse_overrides(["--no-store", "--demo"]).store is False
+    assert parse_overrides(["--store=no", "--demo"]).store is False
+    assert "seeds the demo images" in help_text()
+
+
 @pytest.mark.parametrize(
     ("layout", "message"),
     [
         ("missing", "does not exist"),
         ("one_class", "at least two"),
-        ("empty_class", "no JPEG, PNG or WebP"),
+        ("empty_class", "no images"),
     ],
 )
 def test_cli_reports_bad_folders_without_a_traceback(tmp_path, layout, message):

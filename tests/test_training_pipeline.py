@@ -14,27 +14,29 @@ import pandas as pd
 import pytest
 import torch
 
-from service.artifacts import (
+from imgcls.imagestats import STAT_FIELDS
+from imgcls.inference_log import EMBEDDING_PREFIX
+from imgcls.model_files import (
     CONFIG_FILE,
     LABELS_FILE,
     MANIFEST_FILE,
     METRICS_FILE,
-    REFERENCE_FILE,
+    OOD_FILE,
     VARIANT_FILES,
-    IntegrityError,
+    ModelFilesError,
     load_labels,
+    open_model,
+    reference_file,
     sha256_of,
     verify,
 )
-from service.imagestats import STAT_FIELDS
-from service.inference_log import EMBEDDING_PREFIX
-from service.preprocess import SPEC_FILE, PreprocessSpec, preprocess_file
+from imgcls.onnx_run import predict, session_for
+from imgcls.preprocess import SPEC_FILE, PreprocessSpec, preprocess_file
+from tests.helpers import ROOT, tiny_config
 from training.config import TrainConfig
-from training.evaluate import cpu_session, predict
-from training.model import Classifier, ServingGraph, build_model
+from training.model import ClassifierNet, ServingGraph, build_model
 from training.train import CHECKPOINT_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
 #: The tiny model is barely trained (near chance, so its probabilities are close together and rounding flips
 #: more of them than in a trained model) and sees 54 test images (1.85 points each). We allow int8 to lose
 #: at most 5 of them (9.3 points) here; the 1-point target applies to the full demo configuration and is
@@ -67,12 +69,15 @@ def _test_images(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def test_store_holds_every_file_with_matching_checksums(stored):
     tag, folder, model = stored
-    for name in (*VARIANT_FILES.values(), LABELS_FILE, SPEC_FILE, METRICS_FILE, CONFIG_FILE, REFERENCE_FILE):
+    references = [reference_file(v) for v in VARIANT_FILES]
+    stored_files = {*VARIANT_FILES.values(), *references, OOD_FILE, LABELS_FILE, SPEC_FILE, METRICS_FILE, CONFIG_FILE}
+    for name in stored_files:
         assert (folder / name).is_file(), name
-    verify(folder)  # every ONNX file matches manifest.json
+    verify(folder)  # every file matches manifest.json
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    assert manifest["variants"] == VARIANT_FILES
-    assert model.info.metadata["sha256"] == {name: sha256_of(folder / name) for name in VARIANT_FILES.values()}
+    assert manifest["variants"] == VARIANT_FILES and set(manifest["files"]) == stored_files
+    assert model.info.metadata["sha256"] == {name: sha256_of(folder / name) for name in stored_files}
+    assert set(open_model(folder).detectors) == set(VARIANT_FILES)
     labels = model.info.labels
     metrics = json.loads((folder / METRICS_FILE).read_text())
     assert labels["accuracy_int8"] == f"{100 * metrics['accuracy']['int8']:.2f}"
@@ -88,7 +93,7 @@ def test_tampered_model_file_is_detected(stored, tmp_path):
     shutil.copytree(folder, copy)
     with open(copy / VARIANT_FILES["int8"], "ab") as f:
         f.write(b"\0")
-    with pytest.raises(IntegrityError, match="model_int8.onnx"):
+    with pytest.raises(ModelFilesError, match="model_int8.onnx"):
         verify(copy)
 
 
@@ -111,13 +116,13 @@ def test_onnx_fp32_matches_the_trained_torch_model(stored):
     _, folder, model = stored
     cfg = TrainConfig.load(folder / CONFIG_FILE)
     spec = PreprocessSpec.load(folder / SPEC_FILE)
-    net: Classifier = build_model(cfg, len(load_labels(folder)))
+    net: ClassifierNet = build_model(cfg, len(load_labels(folder)))
     net.load_state_dict(torch.load(Path(model.info.metadata["run_dir"]) / CHECKPOINT_FILE, weights_only=True))
     net.eval()
     pixels, _, _ = _test_images(folder)
     with torch.no_grad():
         ref_probs, ref_emb = ServingGraph(net, spec.mean, spec.std).eval()(torch.from_numpy(pixels))
-    probs, emb = predict(cpu_session(folder / VARIANT_FILES["fp32"]), pixels)
+    probs, emb = predict(session_for(folder / VARIANT_FILES["fp32"]), pixels)
     assert np.abs(probs - ref_probs.numpy()).max() < 1e-4
     assert np.abs(emb - ref_emb.numpy()).max() < 1e-3
     assert (probs.argmax(1) == ref_probs.numpy().argmax(1)).all()
@@ -128,7 +133,7 @@ def test_onnx_fp32_matches_the_trained_torch_model(stored):
 def test_every_variant_takes_uint8_pixels_with_any_batch_size(stored, variant):
     _, folder, _ = stored
     size = PreprocessSpec.load(folder / SPEC_FILE).size
-    sess = cpu_session(folder / VARIANT_FILES[variant])
+    sess = session_for(folder / VARIANT_FILES[variant])
     (inp,) = sess.get_inputs()
     assert inp.name == "pixels" and inp.type == "tensor(uint8)" and inp.shape[1:] == [size, size, 3]
     assert [o.type for o in sess.get_outputs()] == ["tensor(float)", "tensor(float)"]
@@ -142,7 +147,7 @@ def test_int8_accuracy_within_bound_measured_again_from_the_store(stored):
     pixels, labels, _ = _test_images(folder)
     acc, top1 = {}, {}
     for variant in ("fp32", "int8"):
-        probs, _ = predict(cpu_session(folder / VARIANT_FILES[variant]), pixels)
+        probs, _ = predict(session_for(folder / VARIANT_FILES[variant]), pixels)
         top1[variant] = probs.argmax(1)
         acc[variant] = float((top1[variant] == labels).mean())
     metrics = json.loads((folder / METRICS_FILE).read_text())
@@ -152,11 +157,13 @@ def test_int8_accuracy_within_bound_measured_again_from_the_store(stored):
     assert (top1["int8"] == top1["fp32"]).mean() >= 0.8, "int8 should mostly predict what fp32 predicts"
 
 
-def test_reference_table_matches_the_log_schema(stored):
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8"])
+def test_reference_table_of_each_variant_matches_the_log_schema(stored, variant):
     _, folder, _ = stored
-    ref = pd.read_parquet(folder / REFERENCE_FILE)
+    ref = pd.read_parquet(folder / reference_file(variant))
     emb_cols = [c for c in ref.columns if c.startswith(EMBEDDING_PREFIX)]
-    assert list(ref.columns) == [*STAT_FIELDS, "label", "confidence", *emb_cols]
+    assert list(ref.columns) == [*STAT_FIELDS, "label", "confidence", "ood_score", *emb_cols]
+    assert ref["ood_score"].notna().all() and (ref["ood_score"] >= 0).all()
     assert emb_cols == [f"{EMBEDDING_PREFIX}{i}" for i in range(len(emb_cols))] and 1 <= len(emb_cols) <= 64
     assert len(ref) > 50  # val + test of the tiny demo
     assert set(ref["label"]) <= set(load_labels(folder))
@@ -170,6 +177,7 @@ def test_run_folder_has_report_files(stored):
     run_dir = Path(model.info.metadata["run_dir"])
     for name in ("confusion_matrix.png", "training_curves.png", CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE):
         assert (run_dir / name).stat().st_size > 0, name
+    assert not list(run_dir.parent.glob("*.partial"))  # the run finished, so its folder lost the suffix
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
     assert set(metrics["per_class"]) == set(metrics["classes"])
     assert all({"precision", "recall", "support"} <= set(v) for v in metrics["per_class"].values())
@@ -177,7 +185,7 @@ def test_run_folder_has_report_files(stored):
 
 
 def test_resnet18_architecture_is_resnet18_sized():
-    n = sum(p.numel() for p in Classifier(1000, arch="resnet18").parameters())
+    n = sum(p.numel() for p in ClassifierNet(1000, arch="resnet18").parameters())
     assert 11_500_000 < n < 11_800_000  # torchvision's resnet18 has 11,689,512
 
 
@@ -194,7 +202,7 @@ def test_cli_trains_and_stores_end_to_end(tmp_path, cache_dir):
         "--out-dir",
         str(tmp_path / "runs"),
     ]
-    tiny = TrainConfig.tiny(cache_dir="", out_dir="")
+    tiny = tiny_config(cache_dir="", out_dir="")
     for key in ("demo_per_class", "demo_image_size", "image_size", "width", "depth", "embedding_dim", "batch_size"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(tiny, key))]
     cmd += ["--epochs", "1", "--calibration-images", "32", "--speed-seconds", "0.1", "--name", "cli-model"]
@@ -214,9 +222,9 @@ def test_cli_trains_and_stores_end_to_end(tmp_path, cache_dir):
 def test_init_checkpoint_loads_matching_tensors_and_keeps_a_new_head(tmp_path):
     from training.model import load_init
 
-    source = Classifier(4, width=8, depth=3)
+    source = ClassifierNet(4, width=8, depth=3)
     torch.save(source.state_dict(), tmp_path / "init.pt")
-    target = Classifier(6, width=8, depth=3, seed=5)
+    target = ClassifierNet(6, width=8, depth=3, seed=5)
     load_init(target, str(tmp_path / "init.pt"))
     assert torch.equal(target.stem[0].weight, source.stem[0].weight)
     assert target.head.weight.shape == (6, target.feature_dim)

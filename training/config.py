@@ -6,14 +6,19 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from service.artifacts import DEFAULT_MODEL_NAME
+from imgcls.model_files import DEFAULT_MODEL_NAME
 
 
 class ConfigError(ValueError):
     """A command-line override names an unknown key or has a value of the wrong type."""
+
+
+def opt(default, help: str):
+    """A configuration field with its ``--help`` line."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -21,68 +26,48 @@ class TrainConfig:
     """Everything a training run depends on. Defaults train the demo to >=95% test accuracy in <3 min on 2 cores."""
 
     # --- data ---
-    data: str | None = None  # image folder: one subfolder per class, or train/ val/ [test/] each holding those
-    demo: bool = False  # generate (once) and use the built-in demo dataset instead of --data
-    cache_dir: str = ".cache/demo-data"  # where the demo dataset is generated; reused while its marker matches
-    demo_classes: int = 6  # demo: number of shape classes (at most 8)
-    demo_per_class: int = 400  # demo: images per class, split 70/15/15 into train/val/test
-    demo_image_size: int = 160  # demo: the longer side of a generated image lies in [size*0.8, size] (>=128)
-    val_fraction: float = 0.15  # user folders without train/val/test subfolders: seeded split fractions
-    test_fraction: float = 0.15
+    data: str | None = opt(None, "image folder: one subfolder per class, or train/ val/ [test/] each holding those")
+    demo: bool = opt(False, "generate (once) and use the built-in demo dataset instead of --data")
+    cache_dir: str = opt(".cache/demo-data", "where the demo dataset is generated; reused while its marker matches")
+    demo_classes: int = opt(6, "demo: number of shape classes (at most 8)")
+    demo_per_class: int = opt(400, "demo: images per class, split 70/15/15 into train/val/test")
+    demo_image_size: int = opt(160, "demo: the longer side of a generated image lies in [size*0.8, size] (>=128)")
+    val_fraction: float = opt(0.15, "user folders without train/val/test subfolders: seeded validation fraction")
+    test_fraction: float = opt(0.15, "user folders without train/val/test subfolders: seeded test fraction")
 
     # --- model ---
-    arch: str = "cnn"  # "cnn" (compact, width/depth below) or "resnet18" (basic blocks [2,2,2,2], widths 64..512)
-    image_size: int = 32  # model input side in pixels; the demo shapes stay recognisable at 32 (4x cheaper than 64)
-    width: int = 32  # cnn: channels of the first stage, doubled at each later stage
-    depth: int = 3  # cnn: number of stages, each halves the resolution
-    blocks_per_stage: int = 1  # cnn: residual blocks per stage
-    embedding_dim: int = 32  # drift embedding size (<=64): fixed seeded random projection of the penultimate layer
-    init: str | None = None  # fine-tune from this local state_dict (.pt, loaded with weights_only=True)
+    arch: str = opt("cnn", '"cnn" (compact, width/depth below) or "resnet18" (basic blocks [2,2,2,2], widths 64..512)')
+    image_size: int = opt(
+        32, "model input side in pixels; the demo shapes stay recognisable at 32 (4x cheaper than 64)"
+    )
+    width: int = opt(32, "cnn: channels of the first stage, doubled at each later stage")
+    depth: int = opt(3, "cnn: number of stages, each halves the resolution")
+    blocks_per_stage: int = opt(1, "cnn: residual blocks per stage")
+    embedding_dim: int = opt(32, "drift embedding size (<=64): fixed seeded random projection of the penultimate layer")
+    init: str | None = opt(None, "fine-tune from this local state_dict (.pt, loaded with weights_only=True)")
 
     # --- optimisation ---
-    epochs: int = 30  # the demo plateaus near chance for ~7 epochs, then passes 95% val by ~18; 0 saves random weights
-    batch_size: int = 64
-    lr: float = 3e-3  # peak learning rate of the one-cycle schedule (AdamW)
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.05
-    augment: bool = True  # random flips, shifts and brightness/contrast jitter on the training batches
-    seed: int = 0  # seeds data generation order, splits, initialisation, augmentation and the projection
-    threads: int = 2  # torch intra-op threads; the target machine has 2 cores
-    workers: int = 2  # processes for demo generation and image decoding
+    epochs: int = opt(
+        30, "the demo plateaus near chance for ~7 epochs, then passes 95% val by ~18; 0 saves random weights"
+    )
+    batch_size: int = opt(64, "images per optimiser step")
+    lr: float = opt(3e-3, "peak learning rate of the one-cycle schedule (AdamW)")
+    weight_decay: float = opt(5e-4, "AdamW weight decay")
+    label_smoothing: float = opt(0.05, "cross-entropy label smoothing")
+    augment: bool = opt(True, "random flips, shifts and brightness/contrast jitter on the training batches")
+    seed: int = opt(0, "seeds the demo images, splits, initialisation, augmentation and the projection")
+    threads: int = opt(2, "torch intra-op threads; the target machine has 2 cores")
+    workers: int = opt(2, "processes for demo generation and image decoding")
 
     # --- export, quantisation, reference, store ---
-    calibration_images: int = 256  # training images used to calibrate int8 activation ranges
-    reference_images: int = 1000  # held-out (val+test) images summarised in the drift reference, at most
-    speed_batch: int = 8  # batch size of the short int8-vs-fp32 speed check recorded in metrics.json
-    speed_seconds: float = 2.0  # time budget per variant of that check
-    name: str = DEFAULT_MODEL_NAME  # BentoML model name
-    out_dir: str = "runs"  # each run writes to OUT_DIR/NAME-TIMESTAMP
-    store: bool = True  # save to the BentoML model store (BENTOML_HOME)
-    progress: bool = True  # tqdm progress bars
-
-    @classmethod
-    def tiny(cls, cache_dir: str, out_dir: str, **overrides) -> TrainConfig:
-        """A configuration that runs end to end in seconds, for tests."""
-        values = dict(
-            demo=True,
-            cache_dir=cache_dir,
-            out_dir=out_dir,
-            demo_per_class=60,
-            demo_image_size=128,
-            image_size=32,
-            width=8,
-            depth=3,  # the tiny run does not get past the demo's initial plateau: near-chance accuracy, by design
-            embedding_dim=16,
-            epochs=3,
-            batch_size=32,
-            calibration_images=64,
-            reference_images=200,
-            speed_seconds=0.2,
-            progress=False,
-            workers=1,
-        )
-        values.update(overrides)
-        return cls(**values)
+    calibration_images: int = opt(256, "training images used to calibrate int8 activation ranges")
+    reference_images: int = opt(1000, "held-out (val+test) images summarised in the drift reference, at most")
+    speed_batch: int = opt(8, "batch size of the short int8-vs-fp32 speed check recorded in metrics.json")
+    speed_seconds: float = opt(2.0, "time budget per variant of that check")
+    name: str = opt(DEFAULT_MODEL_NAME, "BentoML model name")
+    out_dir: str = opt("runs", "each run writes to OUT_DIR/NAME-TIMESTAMP")
+    store: bool = opt(True, "save to the BentoML model store (BENTOML_HOME)")
+    progress: bool = opt(True, "progress bars (on a terminal only; every epoch is logged anyway)")
 
     def validate(self) -> TrainConfig:
         """Raise :class:`ConfigError` for values that cannot work, with what to change."""
@@ -126,13 +111,13 @@ def _field_type(f: dataclasses.Field) -> type:
     return hint
 
 
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _convert(key: str, raw: str, kind: type):
     if kind is bool:
-        low = raw.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
+        if raw.lower() in _BOOLS:
+            return _BOOLS[raw.lower()]
         raise ConfigError(f"--{key.replace('_', '-')} expects true/false, got {raw!r}.")
     try:
         return kind(raw)
@@ -162,9 +147,14 @@ def parse_overrides(argv: list[str], base: TrainConfig | None = None) -> TrainCo
             )
         kind = _field_type(by_name[key])
         if not sep:
-            if kind is bool:
-                values[key] = not negate
-                i += 1
+            if kind is bool:  # a bare flag, or a flag followed by true/false as --help shows them
+                follows = argv[i + 1].lower() if i + 1 < len(argv) else ""
+                if follows in _BOOLS:
+                    values[key] = _BOOLS[follows] != negate
+                    i += 2
+                else:
+                    values[key] = not negate
+                    i += 1
                 continue
             if i + 1 >= len(argv):
                 raise ConfigError(f"--{key.replace('_', '-')} needs a value.")
@@ -176,12 +166,9 @@ def parse_overrides(argv: list[str], base: TrainConfig | None = None) -> TrainCo
 
 
 def help_text() -> str:
-    """Every option with its default and comment, read from this file so the help cannot drift from the code."""
+    """Every option with its default and meaning."""
     lines = []
-    source = Path(__file__).read_text().splitlines()
     for f in fields(TrainConfig):
-        comment = next(
-            (ln.split("#", 1)[1].strip() for ln in source if ln.strip().startswith(f"{f.name}:") and "#" in ln), ""
-        )
-        lines.append(f"  --{f.name.replace('_', '-'):<20} {f.default!s:<18} {comment}")
+        default = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+        lines.append(f"  --{f.name.replace('_', '-'):<20} {default:<18} {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.preprocess import ImageError, PreprocessSpec, preprocess_file
+from imgcls.errors import ApiError
+from imgcls.preprocess import ACCEPTED_NAMES, IMAGE_SUFFIXES, PreprocessSpec, preprocess_file
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 # in the caller's script.
 _START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -71,7 +71,7 @@ def _read_classes(folder: Path) -> dict[str, list[Path]]:
     empty = [name for name, files in classes.items() if not files]
     if empty:
         raise DatasetError(
-            f"Class folder(s) {', '.join(empty)} in {folder} contain no JPEG, PNG or WebP images; "
+            f"Class folder(s) {', '.join(empty)} in {folder} contain no images ({ACCEPTED_NAMES}); "
             "add images or remove the folder(s)."
         )
     return classes
@@ -144,18 +144,36 @@ def _decode(job: tuple[str, PreprocessSpec]):
     try:
         pixels, size = preprocess_file(path, spec)
         return pixels, size, None
-    except (ImageError, OSError) as exc:
+    except (ApiError, OSError) as exc:
         return None, None, str(exc)
+
+
+class _InProcess:
+    """``map`` in this process: what a pool of one would do, without starting one."""
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    @staticmethod
+    def map(func, jobs, chunksize: int = 1) -> list:
+        return [func(job) for job in jobs]
+
+
+def process_pool(workers: int):
+    """A process pool of ``workers`` (a context manager with ``map``), or this process alone for one worker."""
+    if workers <= 1:
+        return _InProcess()
+    return multiprocessing.get_context(_START_METHOD).Pool(workers)
 
 
 def load(split: Split, spec: PreprocessSpec, workers: int = 1, what: str = "images") -> Images:
     """Decode a split with the serving preprocessing, skipping unreadable files with one warning and a count."""
     jobs = [(str(p), spec) for p in split.paths]
-    if workers > 1 and len(jobs) > 200:
-        with multiprocessing.get_context(_START_METHOD).Pool(workers) as pool:
-            results = pool.map(_decode, jobs, chunksize=64)
-    else:
-        results = [_decode(job) for job in jobs]
+    with process_pool(workers if len(jobs) > 200 else 1) as pool:
+        results = pool.map(_decode, jobs, chunksize=64)
     keep = [i for i, (pixels, _, _) in enumerate(results) if pixels is not None]
     skipped = [(split.paths[i], results[i][2]) for i in range(len(results)) if results[i][0] is None]
     if skipped:

@@ -10,10 +10,10 @@ import numpy as np
 import onnx
 import torch
 
-from service.artifacts import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_PROBS
-from service.preprocess import PreprocessSpec
-from training.evaluate import cpu_session, predict
-from training.model import Classifier, ServingGraph
+from imgcls.model_files import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_PROBS
+from imgcls.onnx_run import predict, session_for
+from imgcls.preprocess import PreprocessSpec
+from training.model import ClassifierNet, ServingGraph
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class ExportError(RuntimeError):
     """The exported graph does not reproduce the torch model."""
 
 
-def export_fp32(model: Classifier, spec: PreprocessSpec, path: Path) -> Path:
+def export_fp32(model: ClassifierNet, spec: PreprocessSpec, path: Path) -> Path:
     """Write the fp32 serving graph with a dynamic batch axis and check it with ``onnx.checker``."""
     graph = ServingGraph(model, spec.mean, spec.std).eval()
     example = torch.zeros(2, spec.size, spec.size, 3, dtype=torch.uint8)
@@ -49,7 +49,7 @@ def export_fp32(model: Classifier, spec: PreprocessSpec, path: Path) -> Path:
 
 
 @torch.no_grad()
-def check_parity(model: Classifier, spec: PreprocessSpec, path: Path, pixels: np.ndarray) -> dict:
+def check_parity(model: ClassifierNet, spec: PreprocessSpec, path: Path, pixels: np.ndarray) -> dict:
     """Compare ONNX Runtime with torch on ``pixels``; raise :class:`ExportError` unless top-1 agrees everywhere."""
     graph = ServingGraph(model, spec.mean, spec.std).eval()
     ref_probs, ref_emb = [], []
@@ -58,7 +58,7 @@ def check_parity(model: Classifier, spec: PreprocessSpec, path: Path, pixels: np
         ref_probs.append(p.numpy())
         ref_emb.append(e.numpy())
     ref_p, ref_e = np.concatenate(ref_probs), np.concatenate(ref_emb)
-    onnx_p, onnx_e = predict(cpu_session(path), pixels)
+    onnx_p, onnx_e = predict(session_for(path), pixels)
     top2 = np.sort(ref_p, axis=1)[:, -2:] if ref_p.shape[1] > 1 else np.zeros((len(ref_p), 2))
     ties = (top2[:, 1] - top2[:, 0]) < TIE_MARGIN
     disagree = (ref_p.argmax(1) != onnx_p.argmax(1)) & ~ties

@@ -30,7 +30,7 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class Classifier(nn.Module):
+class ClassifierNet(nn.Module):
     """Stem, residual stages, global average pooling and a linear head; ``embed`` projects the pooled features.
 
     ``arch="cnn"``: a 3x3 stem and ``depth`` stages of ``blocks_per_stage`` blocks, widths ``width * 2**i``,
@@ -91,10 +91,12 @@ class Classifier(nn.Module):
         return features @ self.projection
 
 
-def build_model(cfg, num_classes: int) -> Classifier:
+def build_model(cfg, num_classes: int) -> ClassifierNet:
     """The model a :class:`~training.config.TrainConfig` describes, optionally initialised from ``cfg.init``."""
     torch.manual_seed(cfg.seed)
-    model = Classifier(num_classes, cfg.arch, cfg.width, cfg.depth, cfg.blocks_per_stage, cfg.embedding_dim, cfg.seed)
+    model = ClassifierNet(
+        num_classes, cfg.arch, cfg.width, cfg.depth, cfg.blocks_per_stage, cfg.embedding_dim, cfg.seed
+    )
     if cfg.init:
         load_init(model, cfg.init)
     return model
@@ -114,23 +116,27 @@ def load_init(model: nn.Module, path: str) -> None:
     log.info("Initialised %d tensors from %s; %d stay fresh: %s", len(usable), path, len(fresh), fresh[:6])
 
 
-class ServingGraph(nn.Module):
-    """What is exported: uint8 NHWC pixels in; softmax probabilities and the embedding out."""
+class Normalise(nn.Module):
+    """uint8 NHWC pixels to the normalised float NCHW batch the network takes: the one implementation, used in
+    training and inside the exported graph."""
 
-    def __init__(self, model: Classifier, mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
-        self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 1, 1, 3) * 255.0)
         self.register_buffer("inv_std", 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 1, 1, 3) * 255.0))
 
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return ((pixels.float() - self.mean) * self.inv_std).permute(0, 3, 1, 2).contiguous()
+
+
+class ServingGraph(nn.Module):
+    """What is exported: uint8 NHWC pixels in; softmax probabilities and the embedding out."""
+
+    def __init__(self, model: ClassifierNet, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.model = model
+        self.normalise = Normalise(mean, std)
+
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = ((pixels.float() - self.mean) * self.inv_std).permute(0, 3, 1, 2)
-        feats = self.model.features(x)
+        feats = self.model.features(self.normalise(pixels))
         return torch.softmax(self.model.head(feats), dim=1), self.model.embed(feats)
-
-
-def normalise(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 NHWC to normalised float NCHW, exactly as :class:`ServingGraph` does it."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 1, 1, 3) * 255.0
-    inv = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 1, 1, 3) * 255.0)
-    return ((pixels.float() - m) * inv).permute(0, 3, 1, 2).contiguous()

@@ -11,13 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifacts import CONFIG_FILE, LABELS_FILE, METRICS_FILE, REFERENCE_FILE, VARIANT_FILES
-from service.preprocess import SPEC_FILE, PreprocessSpec
+from imgcls.demo_images import DemoParams
+from imgcls.model_files import CONFIG_FILE, LABELS_FILE, METRICS_FILE, OOD_FILE, VARIANT_FILES, reference_file
+from imgcls.onnx_run import images_per_second, session_for
+from imgcls.preprocess import SPEC_FILE, PreprocessSpec
 from training.config import TrainConfig
-from training.dataset import DatasetError, Images, discover, load
-from training.demo_data import DemoParams, ensure_demo_data
+from training.dataset import DatasetError, discover, load
+from training.demo_data import ensure_demo_data
 
 log = logging.getLogger(__name__)
+
+#: Suffix of a run folder until the run has finished.
+PARTIAL = ".partial"
 
 
 @dataclass
@@ -32,40 +37,39 @@ class RunResult:
 def resolve_data(cfg: TrainConfig) -> Path:
     """The image folder to train on: the user's, or the demo dataset (generated if needed)."""
     if cfg.demo:
-        params = DemoParams(classes=cfg.demo_classes, per_class=cfg.demo_per_class, image_size=cfg.demo_image_size)
+        params = DemoParams(cfg.demo_classes, cfg.demo_per_class, cfg.demo_image_size, seed=cfg.seed)
         return ensure_demo_data(cfg.cache_dir, params, workers=cfg.workers)
     return Path(cfg.data)
 
 
 def new_run_dir(cfg: TrainConfig) -> Path:
-    """A fresh folder OUT_DIR/NAME-YYYYmmdd-HHMMSS[-k] for this run's outputs."""
+    """A name OUT_DIR/NAME-YYYYmmdd-HHMMSS[-k] no run has used yet (finished or not)."""
     base = Path(cfg.out_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir, k = base, 1
-    while run_dir.exists():
+    while run_dir.exists() or run_dir.with_name(run_dir.name + PARTIAL).exists():
         run_dir, k = Path(f"{base}-{k}"), k + 1
-    run_dir.mkdir(parents=True)
     return run_dir
 
 
-def _concat(a: Images, b: Images) -> Images:
-    return Images(
-        np.concatenate([a.pixels, b.pixels]), np.concatenate([a.labels, b.labels]), a.sizes + b.sizes, a.paths + b.paths
-    )
-
-
 def run(cfg: TrainConfig) -> RunResult:
-    """Train, export, quantise, check, write the reference and (unless ``store=False``) save to the model store."""
-    from training import evaluate, export, quantize, reference, report, speed, store
+    """Train, export, quantise, check, write the references and (unless ``store=False``) save to the model store.
+
+    The run writes into ``<run folder>.partial`` and renames it when everything passed, so a failed run never
+    looks like a finished one.
+    """
+    from training import export, quantize, report, scoring, store
     from training.model import build_model
-    from training.train import evaluate as torch_evaluate
-    from training.train import seed_everything, train
+    from training.reference import score_variant, statistics
+    from training.train import loss_and_accuracy, seed_everything, train
 
     cfg.validate()
     started = time.monotonic()
     data_dir = resolve_data(cfg)
     classes, splits = discover(data_dir, cfg.seed, cfg.val_fraction, cfg.test_fraction)
-    run_dir = new_run_dir(cfg)
-    log.info("Run folder: %s", run_dir)
+    final_dir = new_run_dir(cfg)
+    run_dir = final_dir.with_name(final_dir.name + PARTIAL)
+    run_dir.mkdir(parents=True)
+    log.info("Run folder: %s", final_dir)
     spec = PreprocessSpec(size=cfg.image_size)
     cfg.save(run_dir / CONFIG_FILE)
     spec.save(run_dir / SPEC_FILE)
@@ -79,7 +83,7 @@ def run(cfg: TrainConfig) -> RunResult:
     seed_everything(cfg.seed, cfg.threads)
     model = build_model(cfg, len(classes))
     history = train(cfg, model, sets["train"], sets["val"], spec, run_dir)
-    torch_test_acc = torch_evaluate(model, sets["test"], spec)[1]
+    torch_test_acc = loss_and_accuracy(model, sets["test"], spec)[1]
 
     test = sets["test"]
     paths = {v: run_dir / f for v, f in VARIANT_FILES.items()}
@@ -91,13 +95,18 @@ def run(cfg: TrainConfig) -> RunResult:
     calib = sets["train"].pixels[np.sort(calib_rng.permutation(len(sets["train"].labels))[:n_cal])]
     quantize.quantize_int8(paths["fp32"], paths["int8"], calib)
 
-    # Every accuracy below comes from onnxruntime on the CPU, on images decoded by the serving code.
-    accuracy, predictions = {}, {}
-    for variant, path in paths.items():
-        probs, _ = evaluate.predict(evaluate.cpu_session(path, cfg.threads), test.pixels)
-        predictions[variant] = probs.argmax(1)
-        accuracy[variant] = round(evaluate.accuracy(probs, test.labels), 6)
-    matrix = evaluate.confusion(test.labels, predictions["fp32"], len(classes))
+    # Every figure below comes from onnxruntime on the CPU, on images decoded by the serving code.
+    stats = {name: statistics(images) for name, images in sets.items()}
+    scored = {
+        v: score_variant(path, sets, stats, classes, cfg.reference_images, cfg.seed, cfg.threads)
+        for v, path in paths.items()
+    }
+    for v, result in scored.items():
+        result.reference.to_parquet(run_dir / reference_file(v), index=False)
+    (run_dir / OOD_FILE).write_text(json.dumps({v: r.detector.to_dict() for v, r in scored.items()}, indent=1) + "\n")
+    predictions = {v: r.test_probs.argmax(1) for v, r in scored.items()}
+    accuracy = {v: round(scoring.accuracy(r.test_probs, test.labels), 6) for v, r in scored.items()}
+    matrix = scoring.confusion(test.labels, predictions["fp32"], len(classes))
     report.plot_confusion(
         matrix, classes, run_dir / report.CONFUSION_PNG, f"test set, fp32 ONNX ({accuracy['fp32']:.1%})"
     )
@@ -105,21 +114,15 @@ def run(cfg: TrainConfig) -> RunResult:
 
     timing = {}
     for variant in ("fp32", "int8"):
-        sess = speed.session_for(paths[variant], threads=cfg.threads)
-        timing[variant] = round(speed.images_per_second(sess, spec.size, cfg.speed_batch, cfg.speed_seconds), 2)
+        sess = session_for(paths[variant], threads=cfg.threads)
+        timing[variant] = round(images_per_second(sess, spec.size, cfg.speed_batch, cfg.speed_seconds), 2)
     speed_info = {
         "note": f"short check at the end of training: CPU, batch {cfg.speed_batch}, {cfg.speed_seconds:g} s per "
-        "variant; run `python -m training.bench` for a proper measurement",
+        "variant; run `python -m loadtest.modelbench` for a proper measurement",
         "batch": cfg.speed_batch,
         "images_per_second": timing,
         "int8_vs_fp32": round(timing["int8"] / timing["fp32"], 3),
     }
-
-    heldout = _concat(sets["val"], test)
-    ref = reference.build_reference(
-        evaluate.cpu_session(paths["fp32"]), heldout, classes, cfg.reference_images, cfg.seed
-    )
-    reference.save_reference(ref, run_dir / REFERENCE_FILE)
 
     metrics = {
         "name": cfg.name,
@@ -139,10 +142,19 @@ def run(cfg: TrainConfig) -> RunResult:
         "agreement_with_fp32": {
             v: round(float((predictions[v] == predictions["fp32"]).mean()), 6) for v in ("fp16", "int8")
         },
-        "per_class": evaluate.per_class(matrix, classes),
+        "per_class": scoring.per_class(matrix, classes),
         "confusion_matrix": matrix.tolist(),
         "export_parity": parity,
         "speed": speed_info,
+        "unfamiliar": {
+            v: {
+                "method": r.detector.to_dict()["method"],
+                "threshold": round(r.detector.threshold, 4),
+                "flagged_validation": round(r.flagged_val, 4),
+                "flagged_test": round(r.flagged_test, 4),
+            }
+            for v, r in scored.items()
+        },
         "training": {
             "epochs": cfg.epochs,
             "best_epoch": history.best_epoch,
@@ -153,13 +165,14 @@ def run(cfg: TrainConfig) -> RunResult:
                 for k in ("train_loss", "train_acc", "val_loss", "val_acc")
             },
         },
-        "run_dir": str(run_dir),
+        "run_dir": str(final_dir),
     }
     tag = None
     metrics["total_seconds"] = round(time.monotonic() - started, 1)
     (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    run_dir.rename(final_dir)
     if cfg.store:
-        tag = store.save_model(run_dir, cfg.name, metrics)
+        tag = store.save_model(final_dir, cfg.name, metrics)
     log.info(
         "Done in %.0f s: test accuracy fp32 %.2f%%, fp16 %.2f%%, int8 %.2f%% (drop %.2f points); int8 %.2fx fp32",
         metrics["total_seconds"],
@@ -169,4 +182,4 @@ def run(cfg: TrainConfig) -> RunResult:
         metrics["int8_drop_points"],
         speed_info["int8_vs_fp32"],
     )
-    return RunResult(tag=tag, run_dir=run_dir, metrics=metrics)
+    return RunResult(tag=tag, run_dir=final_dir, metrics=metrics)

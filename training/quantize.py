@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifacts import INPUT_NAME
+from imgcls.model_files import INPUT_NAME
 
 log = logging.getLogger(__name__)
 

@@ -1,41 +1,85 @@
-"""The drift reference: statistics, prediction and embedding of held-out images, as the service will log them."""
+"""What each exported variant is measured by in production: its drift reference and its unfamiliar-image detector.
+
+Every variant (fp32, fp16, int8) sees the same images a little differently, so each gets its own: the
+detector is fitted on the training images' embeddings as that variant computes them, its threshold set on the
+validation images, and its flag rate checked on the test images; the reference holds held-out images with the
+statistics, prediction, confidence, embedding and unfamiliarity score that the service logs for that variant.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from service.imagestats import STAT_FIELDS, image_stats
-from service.inference_log import EMBEDDING_PREFIX
+from imgcls import ood
+from imgcls.imagestats import STAT_FIELDS, image_stats
+from imgcls.inference_log import EMBEDDING_PREFIX
+from imgcls.onnx_run import predict, session_for
 from training.dataset import Images
-from training.evaluate import predict
 
 log = logging.getLogger(__name__)
 
 
-def build_reference(session, images: Images, classes: list[str], max_images: int, seed: int = 0) -> pd.DataFrame:
-    """One row per held-out image: STAT_FIELDS, ``label``, ``confidence`` and ``emb_0..emb_{E-1}``.
+@dataclass
+class VariantScores:
+    """One variant's outputs on the splits, its detector and its reference table."""
 
-    ``images`` were decoded by the serving preprocessing, so the statistics are the very numbers the
-    service computes for an upload of the same file; the prediction comes from the fp32 ONNX model.
-    """
-    n = len(images.labels)
-    pick = np.sort(np.random.default_rng(seed).permutation(n)[:max_images]) if n > max_images else np.arange(n)
-    pixels = images.pixels[pick]
-    probs, emb = predict(session, pixels)
-    rows = [image_stats(pixels[j], images.sizes[i]) for j, i in enumerate(pick)]
-    frame = pd.DataFrame(rows, columns=list(STAT_FIELDS)).astype("float64")
-    frame["label"] = [classes[k] for k in probs.argmax(1)]
-    frame["confidence"] = probs.max(1).astype("float64")
-    emb_cols = pd.DataFrame(emb.astype("float64"), columns=[f"{EMBEDDING_PREFIX}{k}" for k in range(emb.shape[1])])
-    return pd.concat([frame, emb_cols], axis=1)
+    test_probs: np.ndarray
+    detector: ood.OodDetector
+    flagged_val: float
+    flagged_test: float
+    reference: pd.DataFrame
 
 
-def save_reference(frame: pd.DataFrame, path: Path) -> Path:
-    """Write the reference table as Parquet."""
-    frame.to_parquet(path, index=False)
-    log.info("Wrote drift reference %s (%d images, %d columns)", path, len(frame), frame.shape[1])
-    return path
+def statistics(images: Images) -> np.ndarray:
+    """[N, len(STAT_FIELDS)] image statistics of decoded images, as the service computes them."""
+    rows = [image_stats(p, size) for p, size in zip(images.pixels, images.sizes, strict=True)]
+    return np.array([[row[k] for k in STAT_FIELDS] for row in rows]).reshape(len(rows), len(STAT_FIELDS))
+
+
+def _ood_stats(stats: np.ndarray) -> np.ndarray:
+    return stats[:, [STAT_FIELDS.index(k) for k in ood.CONTENT_STATS]]
+
+
+def score_variant(
+    path: Path,
+    splits: dict[str, Images],
+    stats: dict[str, np.ndarray],
+    classes: list[str],
+    reference_images: int,
+    seed: int,
+    threads: int = 0,
+) -> VariantScores:
+    """Run one variant over train/val/test, fit its detector and build its reference (held-out: val + test)."""
+    session = session_for(path, threads=threads)
+    outputs = {name: predict(session, images.pixels) for name, images in splits.items()}
+    features = {name: np.concatenate([outputs[name][1], _ood_stats(stats[name])], axis=1) for name in splits}
+    detector = ood.fit(features["train"], splits["train"].labels, features["val"])
+    scores = {name: detector.score(f) for name, f in features.items()}
+    flagged = {name: float((scores[name] > detector.threshold).mean()) for name in ("val", "test")}
+
+    heldout = ("val", "test")
+    probs = np.concatenate([outputs[n][0] for n in heldout])
+    emb = np.concatenate([outputs[n][1] for n in heldout])
+    table = np.concatenate([stats[n] for n in heldout])
+    ood_scores = np.concatenate([scores[n] for n in heldout])
+    pick = np.arange(len(probs))
+    if len(pick) > reference_images:
+        pick = np.sort(np.random.default_rng(seed).permutation(len(pick))[:reference_images])
+    frame = pd.DataFrame(table[pick], columns=list(STAT_FIELDS)).astype("float64")
+    frame["label"] = [classes[k] for k in probs[pick].argmax(1)]
+    frame["confidence"] = probs[pick].max(1).astype("float64")
+    frame["ood_score"] = ood_scores[pick].astype("float64")
+    emb_cols = pd.DataFrame(
+        emb[pick].astype("float64"), columns=[f"{EMBEDDING_PREFIX}{k}" for k in range(emb.shape[1])]
+    )
+    reference = pd.concat([frame, emb_cols], axis=1)
+    log.info(
+        "%s: unfamiliar-image threshold %.2f (%.0f%% quantile of validation scores); flags %.1f%% of test images",
+        path.name, detector.threshold, 100 * detector.quantile, 100 * flagged["test"],
+    )  # fmt: skip
+    return VariantScores(outputs["test"][0], detector, flagged["val"], flagged["test"], reference)

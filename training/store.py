@@ -7,21 +7,30 @@ import logging
 import shutil
 from pathlib import Path
 
-from service.artifacts import (
+from imgcls.model_files import (
     CONFIG_FILE,
     LABELS_FILE,
     MANIFEST_FILE,
     METRICS_FILE,
-    REFERENCE_FILE,
+    OOD_FILE,
     VARIANT_FILES,
+    reference_file,
     write_manifest,
 )
-from service.preprocess import SPEC_FILE
+from imgcls.preprocess import SPEC_FILE
 
 log = logging.getLogger(__name__)
 
 #: Every file the service and the drift job read from a stored model.
-STORED_FILES = (*VARIANT_FILES.values(), LABELS_FILE, SPEC_FILE, METRICS_FILE, CONFIG_FILE, REFERENCE_FILE)
+STORED_FILES = (
+    *VARIANT_FILES.values(),
+    *(reference_file(v) for v in VARIANT_FILES),
+    OOD_FILE,
+    LABELS_FILE,
+    SPEC_FILE,
+    METRICS_FILE,
+    CONFIG_FILE,
+)
 
 
 def _pct(x: float | None) -> str:
@@ -65,7 +74,7 @@ def save_model(run_dir: Path, name: str, metrics: dict) -> str:
     missing = [f for f in STORED_FILES if not (run_dir / f).exists()]
     if missing:
         raise FileNotFoundError(f"Cannot store the model: {', '.join(missing)} missing from {run_dir}.")
-    manifest = write_manifest(run_dir)
+    manifest = write_manifest(run_dir, list(STORED_FILES))
     labels, metadata = labels_and_metadata(metrics, manifest)
     with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
         for fname in (*STORED_FILES, MANIFEST_FILE):

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from service.preprocess import PreprocessSpec
+from imgcls.preprocess import PreprocessSpec
 from training.dataset import Images
-from training.model import Classifier, normalise
+from training.model import ClassifierNet, Normalise
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +65,15 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: Classifier, images: Images, spec: PreprocessSpec, batch_size: int = 256) -> tuple[float, float]:
+def loss_and_accuracy(
+    model: ClassifierNet, images: Images, spec: PreprocessSpec, batch_size: int = 256
+) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of the torch model on decoded images."""
     model.eval()
+    normalise = Normalise(spec.mean, spec.std)
     total_loss, correct = 0.0, 0
     for start in range(0, len(images.labels), batch_size):
-        x = normalise(torch.from_numpy(images.pixels[start : start + batch_size]), spec.mean, spec.std)
+        x = normalise(torch.from_numpy(images.pixels[start : start + batch_size]))
         y = torch.from_numpy(images.labels[start : start + batch_size])
         logits = model(x)
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
@@ -79,7 +82,9 @@ def evaluate(model: Classifier, images: Images, spec: PreprocessSpec, batch_size
     return total_loss / n, correct / n
 
 
-def train(cfg, model: Classifier, train_set: Images, val_set: Images, spec: PreprocessSpec, run_dir: Path) -> History:
+def train(
+    cfg, model: ClassifierNet, train_set: Images, val_set: Images, spec: PreprocessSpec, run_dir: Path
+) -> History:
     """Train ``model`` in place, leave the best-on-validation weights loaded and saved as ``best.pt``."""
     history = History()
     start = time.monotonic()
@@ -90,6 +95,7 @@ def train(cfg, model: Classifier, train_set: Images, val_set: Images, spec: Prep
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.25)
         pixels, labels = torch.from_numpy(train_set.pixels), torch.from_numpy(train_set.labels)
+        normalise = Normalise(spec.mean, spec.std)
         history.best_val_acc = -1.0
         for epoch in range(1, cfg.epochs + 1):
             model.train()
@@ -106,7 +112,7 @@ def train(cfg, model: Classifier, train_set: Images, val_set: Images, spec: Prep
                 idx = order[i : i + cfg.batch_size]
                 if len(idx) < 2:  # batch norm needs two samples
                     continue
-                x = normalise(pixels[idx], spec.mean, spec.std)
+                x = normalise(pixels[idx])
                 if cfg.augment:
                     x = augment(x, gen)
                 y = labels[idx]
@@ -120,7 +126,7 @@ def train(cfg, model: Classifier, train_set: Images, val_set: Images, spec: Prep
                 loss_sum += loss.item() * len(idx)
                 correct += (logits.argmax(1) == y).sum().item()
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-            val_loss, val_acc = evaluate(model, val_set, spec)
+            val_loss, val_acc = loss_and_accuracy(model, val_set, spec)
             history.train_loss.append(loss_sum / max(1, seen))
             history.train_acc.append(correct / max(1, seen))
             history.val_loss.append(val_loss)
@@ -142,7 +148,7 @@ def train(cfg, model: Classifier, train_set: Images, val_set: Images, spec: Prep
             )
     model.load_state_dict(best_state)
     if cfg.epochs == 0:
-        history.best_val_acc = evaluate(model, val_set, spec)[1]
+        history.best_val_acc = loss_and_accuracy(model, val_set, spec)[1]
         log.info("--epochs 0: keeping the untrained weights (val accuracy %.3f)", history.best_val_acc)
     torch.save(model.state_dict(), run_dir / CHECKPOINT_FILE)
     history.seconds = time.monotonic() - start

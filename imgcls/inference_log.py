@@ -1,0 +1,309 @@
+"""The inference log: one JSON line per classified image, written by the service and read by the drift job.
+
+Schema (version 2, in this order): ``v``, ``time`` (ISO 8601, UTC), ``request_id``, ``source`` (who sent it:
+``production`` unless the client set ``X-Traffic-Source``), ``model`` (BentoML tag), ``variant`` (fp32, fp16
+or int8), ``label``, ``confidence``, ``ood_score``, ``unfamiliar``, the statistics of
+:data:`imgcls.imagestats.STAT_FIELDS` and ``embedding`` (a list of floats). Version 1 lines (no source,
+variant or OOD score) are still read. The training reference tables have the same columns, with the
+embedding spread over ``emb_0 .. emb_{n-1}``.
+
+Where it lives: ``IMGCLS_LOG_DIR``, else ``$BENTOML_HOME/inference_log`` (``~/bentoml/inference_log``), the
+same absolute folder for a server started anywhere and for the drift job (:func:`default_log_dir`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import json
+import logging
+import math
+import os
+import queue
+import re
+import threading
+import time as _time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgcls.imagestats import STAT_FIELDS
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+EMBEDDING_PREFIX = "emb_"
+PRODUCTION = "production"
+REQUIRED_FIELDS = ("time", "request_id", "model", "label", "confidence", *STAT_FIELDS, "embedding")
+FILE_PATTERN = re.compile(r"^inference-\d{8}T\d{6,12}-(\d+)\.jsonl$")
+THUMBNAIL_DIR = "unfamiliar"
+THUMBNAIL_SIDE = 96
+
+
+def default_log_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``IMGCLS_LOG_DIR``, else ``inference_log`` in the BentoML home; always absolute."""
+    env = os.environ if environ is None else environ
+    if env.get("IMGCLS_LOG_DIR"):
+        return Path(env["IMGCLS_LOG_DIR"]).expanduser().absolute()
+    home = Path(env.get("BENTOML_HOME") or Path.home() / "bentoml").expanduser()
+    return (home / "inference_log").absolute()
+
+
+def make_record(
+    request_id: str,
+    model: str,
+    variant: str,
+    label: str,
+    confidence: float,
+    ood_score: float,
+    unfamiliar: bool,
+    stats: Mapping[str, float],
+    embedding: list[float],
+    source: str = PRODUCTION,
+    time: datetime | None = None,
+) -> dict[str, Any]:
+    """One log record in schema order."""
+    return {
+        "v": SCHEMA_VERSION,
+        "time": (time or datetime.now(UTC)).isoformat(timespec="milliseconds"),
+        "request_id": request_id,
+        "source": source,
+        "model": model,
+        "variant": variant,
+        "label": label,
+        "confidence": round(float(confidence), 6),
+        "ood_score": round(float(ood_score), 4),
+        "unfamiliar": bool(unfamiliar),
+        **{name: round(float(stats[name]), 6) for name in STAT_FIELDS},
+        "embedding": [round(float(x), 5) for x in embedding],
+    }
+
+
+def encode(record: Mapping[str, Any]) -> bytes:
+    """A record as one newline-terminated JSON line."""
+    return (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
+
+
+def parse_line(line: str | bytes) -> dict[str, Any] | None:
+    """A validated record (version 1 lines get the version 2 fields' defaults), or None for a torn, corrupt,
+    incomplete or unknown-version line (the caller counts those)."""
+    try:
+        record = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("v") not in READABLE_VERSIONS:
+        return None
+    if any(k not in record for k in REQUIRED_FIELDS):
+        return None
+    record.setdefault("source", PRODUCTION)  # version 1 had no way to mark synthetic traffic
+    record.setdefault("variant", None)
+    record.setdefault("ood_score", None)
+    record.setdefault("unfamiliar", None)
+    try:
+        numbers = [float(record["confidence"]), *(float(record[k]) for k in STAT_FIELDS)]
+        if record["ood_score"] is not None:
+            numbers.append(float(record["ood_score"]))
+        embedding = [float(x) for x in record["embedding"]]
+        datetime.fromisoformat(record["time"])
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(x) for x in numbers + embedding):
+        return None
+    if not isinstance(record["label"], str) or not isinstance(record["source"], str):
+        return None
+    return record
+
+
+def log_files(folder: str | os.PathLike) -> list[Path]:
+    """Every inference-log file under ``folder`` (one level of per-pod subfolders included), oldest first."""
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    found = [*folder.glob("inference-*.jsonl"), *folder.glob("*/inference-*.jsonl")]
+    return sorted(found, key=lambda p: (p.name, str(p)))
+
+
+def thumbnail_jpeg(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
+    """A small JPEG of a model-input array, for people to see what the model was sent."""
+    from PIL import Image
+
+    img = Image.fromarray(pixels)
+    if max(img.size) > side:
+        img = img.resize((side, side), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
+class InferenceLogWriter:
+    """Appends records to JSON-lines files off the request path.
+
+    A background thread drains a queue at least every ``flush_interval`` seconds and writes each
+    batch of whole lines with a single ``write`` on an ``O_APPEND`` descriptor, then ``fsync``s, so
+    a crash of the process (or the machine) loses at most the last interval and never leaves half a
+    line behind a whole one. Every process writes its own files (``inference-<UTC start>-<pid>.jsonl``),
+    so several workers never interleave, and a file that reaches ``max_bytes`` is closed and a new one
+    started: rotation without renames. When the folder's files pass ``max_total_bytes`` (or are older
+    than ``max_age_s``), the oldest ones no process is writing to are deleted.
+
+    Thumbnails of unfamiliar images go to ``THUMBNAIL_DIR`` in the same folder, within ``thumbnail_bytes``.
+    ``on_error`` and ``on_drop`` count failed writes and dropped records (the service's metrics).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        max_bytes: int = 64 << 20,
+        max_total_bytes: int = 0,
+        max_age_s: float = 0.0,
+        thumbnail_bytes: int = 32 << 20,
+        flush_interval: float = 1.0,
+        max_queue: int = 100_000,
+        fsync: bool = True,
+        on_error: Callable[[], None] | None = None,
+        on_drop: Callable[[], None] | None = None,
+    ):
+        self.folder = Path(folder).absolute()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_bytes, self.max_total_bytes, self.max_age_s = max_bytes, max_total_bytes, max_age_s
+        self.thumbnail_bytes = thumbnail_bytes
+        self.flush_interval, self.max_queue, self.fsync = flush_interval, max_queue, fsync
+        self.on_error, self.on_drop = on_error or (lambda: None), on_drop or (lambda: None)
+        self._last_prune = float("-inf")
+        self.dropped = 0  # records refused because the queue was full (disk stalled); logged
+        self._queue: queue.SimpleQueue[tuple[bytes, tuple[str, np.ndarray] | None]] = queue.SimpleQueue()
+        self._fd: int | None = None
+        self._size = 0
+        self.path: Path | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
+        self._thread.start()
+        atexit.register(self.close)
+
+    def write(self, record: Mapping[str, Any], thumbnail: np.ndarray | None = None) -> None:
+        """Queue one record (and a thumbnail of ``thumbnail`` pixels); never blocks the caller on disk."""
+        if self._queue.qsize() >= self.max_queue:
+            self.dropped += 1
+            self.on_drop()
+            if self.dropped in (1, 100) or self.dropped % 10_000 == 0:
+                log.warning("inference log queue full (%d records): %d records dropped", self.max_queue, self.dropped)
+            return
+        self._queue.put((encode(record), None if thumbnail is None else (str(record["request_id"]), thumbnail)))
+
+    def close(self) -> None:
+        """Write everything queued, then close the file; safe to call twice."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._drain()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_interval):
+            self._drain()
+
+    def _drain(self) -> None:
+        lines, thumbnails = [], []
+        while True:
+            try:
+                line, thumb = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            lines.append(line)
+            if thumb is not None:
+                thumbnails.append(thumb)
+        if not lines:
+            return
+        try:
+            self._write_lines(b"".join(lines))
+        except OSError:
+            self.on_error()
+            log.exception("inference log: writing %d records to %s failed; they are lost", len(lines), self.folder)
+        if thumbnails:
+            self._write_thumbnails(thumbnails)
+
+    def _write_lines(self, data: bytes) -> None:
+        if self._fd is None or self._size >= self.max_bytes:
+            self._open_new()
+        view = memoryview(data)
+        while view:  # a regular file only writes short on a full disk; finish the batch or raise
+            view = view[os.write(self._fd, view) :]
+        if self.fsync:
+            os.fsync(self._fd)
+        self._size += len(data)
+
+    def _open_new(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+        self.path = self.folder / f"inference-{stamp}-{os.getpid()}.jsonl"
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._size = os.fstat(self._fd).st_size
+        log.info("inference log: writing %s", self.path)
+        self._enforce_retention()
+
+    def _enforce_retention(self) -> None:
+        """Delete the oldest files of the folder past the size or age bound, except files being written."""
+        if not self.max_total_bytes and not self.max_age_s:
+            return
+        files = [p for p in log_files(self.folder) if p.parent == self.folder and FILE_PATTERN.match(p.name)]
+        newest_per_pid: dict[str, Path] = {}
+        for p in files:  # oldest first: the last one seen per pid is the one it writes to
+            newest_per_pid[FILE_PATTERN.match(p.name).group(1)] = p
+        active = set(newest_per_pid.values())
+        sizes = {}
+        for p in files:
+            try:
+                sizes[p] = p.stat()
+            except FileNotFoundError:  # another worker deleted it
+                continue
+        total = sum(s.st_size for s in sizes.values())
+        now = _time.time()
+        for p, st in sizes.items():
+            too_big = self.max_total_bytes and total > self.max_total_bytes
+            too_old = self.max_age_s and now - st.st_mtime > self.max_age_s
+            if not (too_big or too_old) or p in active:
+                continue
+            try:
+                p.unlink()
+                log.info("inference log retention: deleted %s (%d bytes)", p.name, st.st_size)
+            except FileNotFoundError:
+                pass
+            total -= st.st_size
+
+    def _write_thumbnails(self, thumbnails: list[tuple[str, np.ndarray]]) -> None:
+        folder = self.folder / THUMBNAIL_DIR
+        try:
+            folder.mkdir(exist_ok=True)
+            for request_id, pixels in thumbnails:
+                safe = re.sub(r"[^A-Za-z0-9_.-]", "_", request_id)
+                (folder / f"{safe}.jpg").write_bytes(thumbnail_jpeg(pixels))
+        except OSError:
+            log.exception("inference log: saving thumbnails in %s failed", folder)
+            return
+        if _time.monotonic() - self._last_prune > 60:  # a scan per minute, not per flush
+            self._last_prune = _time.monotonic()
+            prune_oldest(folder, "*.jpg", self.thumbnail_bytes)
+
+
+def prune_oldest(folder: Path, pattern: str, budget: int) -> None:
+    """Delete the oldest files matching ``pattern`` until the rest fit in ``budget`` bytes."""
+    stats = []
+    for p in folder.glob(pattern):
+        try:
+            stats.append((p.stat().st_mtime, p.stat().st_size, p))
+        except FileNotFoundError:  # another worker pruned it
+            continue
+    used = 0
+    for _, size, p in sorted(stats, reverse=True):
+        used += size
+        if used > budget:
+            p.unlink(missing_ok=True)
