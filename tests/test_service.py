@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
+import http.client
 import io
+import json
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -141,13 +142,14 @@ def test_limits_are_per_image_and_per_request(server):
     files = [("images", (f"{i}.jpg", phone, "image/jpeg")) for i in range(4)]
     resp = requests.post(server.url + "/classify_batch", files=files, timeout=120)
     assert resp.status_code == 200 and all("label" in r for r in resp.json()["results"]), resp.text[:300]
-    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as sock:
-        sock.sendall(
-            b"POST /classify_batch HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            b"Content-Length: 70000000\r\n\r\n"
-        )
-        head = sock.recv(4096)
-    assert head.startswith(b"HTTP/1.1 413") and b"body_too_large" in head
+    conn = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=10)
+    conn.putrequest("POST", "/classify_batch")
+    conn.putheader("Content-Type", "multipart/form-data; boundary=b")
+    conn.putheader("Content-Length", "70000000")
+    conn.endheaders()  # and no body: the refusal must come from the header alone
+    refused = conn.getresponse()
+    assert refused.status == 413 and json.loads(refused.read())["error"] == "body_too_large"
+    conn.close()
 
 
 def test_request_errors_get_400_json(server, photo_jpeg):

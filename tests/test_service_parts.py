@@ -130,7 +130,12 @@ def test_uploads_being_received_are_bounded_in_bytes_per_worker():
 @pytest.mark.parametrize(
     ("kwargs", "status", "code", "named"),
     [
-        ({"data": b"hi", "headers": {"Content-Type": "text/plain"}}, 400, "not_multipart", "Content-Type image/jpeg"),
+        (
+            {"content": b"hi", "headers": {"Content-Type": "text/plain"}},
+            400,
+            "not_multipart",
+            "Content-Type image/jpeg",
+        ),
         ({"files": {"picture": ("a.jpg", b"\xff\xd8")}}, 400, "missing_field", "`picture`"),
         ({"files": {"image": ("a.jpg", b"\xff\xd8")}, "data": {"top_k": "zero"}}, 400, "invalid_top_k", "zero"),
         ({"files": {"image": (None, "http://example.com/a.jpg")}}, 400, "not_a_file", "file part"),
