@@ -11,29 +11,30 @@ baseline's best step within the SLO.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import subprocess
 import sys
-import threading
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from loadtest import promscrape, report, servers
 from loadtest.images import COMPARE_MIX, DEFAULT_MIX, parse_mix
-from loadtest.stepstats import headline, step_schedule
+from loadtest.stepstats import DEFAULTS, headline, step_schedule
 
 log = logging.getLogger(__name__)
 
 LOADTEST_DIR = Path(__file__).resolve().parent
 
-#: Scenario presets: which Locust users run, with which images and share of bad inputs.
+#: Scenario presets: which images, and which shares of batches and bad inputs.
 SCENARIOS = {
-    # Everything a user sends: the image mix on /classify with 1% bad inputs, plus /classify_batch.
-    "mix": {"user_classes": ["ClassifyUser", "BatchClassifyUser"], "image_mix": DEFAULT_MIX, "bad_input_share": 0.01},
-    # The serving issue's comparison: /classify with 500x375 JPEGs only.
-    "compare": {"user_classes": ["ClassifyUser"], "image_mix": COMPARE_MIX, "bad_input_share": 0.0},
+    # Everything a user sends: the image mix on /classify with 1% bad inputs, and 10% /classify_batch.
+    "mix": {"image_mix": DEFAULT_MIX, "batch_share": 0.1, "bad_input_share": 0.01},
+    # Side by side with a baseline: /classify with 500x375 JPEGs only.
+    "compare": {"image_mix": COMPARE_MIX, "batch_share": 0.0, "bad_input_share": 0.0},
 }
 
 
@@ -48,19 +49,20 @@ class RunConfig:
     workers: int = 0  # IMGCLS_WORKERS; 0: the service's default
     scenario: str = "mix"
     image_mix: str = ""  # overrides the scenario's mix
-    user_classes: list[str] = field(default_factory=list)  # overrides the scenario's users
+    batch_share: float = -1.0  # overrides the scenario's share of /classify_batch requests; <0: the scenario's
     bad_input_share: float = -1.0  # overrides the scenario's share; <0: the scenario's
     labels: str = ""  # labels to validate against; empty: the served model's labels.json when the runner knows it
-    steps: str = "1,2,4,6,8,12,16,24,32,48,64"  # users per step (or START..MAXxFACTOR)
-    step_duration: float = 40.0  # seconds per step; the first step_settle seconds are not measured
-    step_settle: float = 10.0
-    warmup: float = 15.0  # seconds at the first step's load before measuring (JIT, caches, batching warm)
-    slo_p99_ms: float = 200.0
-    max_error_rate: float = 0.001
-    min_rps: float = 0.0  # gate: the best throughput within the SLO must reach this
-    break_steps: int = 1  # stop after this many consecutive steps break the SLO; 0: run every step
+    steps: str = DEFAULTS.steps  # users per step (or START..MAXxFACTOR)
+    step_duration: float = DEFAULTS.step_duration  # seconds per step; the first step_settle seconds are not measured
+    step_settle: float = DEFAULTS.step_settle
+    warmup: float = DEFAULTS.warmup  # seconds at the first step's load before measuring
+    latency_objective_ms: float = DEFAULTS.latency_objective_ms  # p99 each step is judged by
+    max_error_rate: float = DEFAULTS.max_error_rate
+    min_rps: float = 0.0  # gate: the best throughput within the objective must reach this
+    break_steps: int = DEFAULTS.break_steps  # stop after this many consecutive steps break it; 0: run every step
     processes: int = 0  # Locust --processes (one Locust process tops out at a few hundred req/s of uploads)
     compare: bool = False
+    baseline: str = "fastapi-fp32"  # with compare: which hand-written server (loadtest/servers.py BASELINES)
     min_ratio: float = 0.0  # gate (with --compare): service/baseline throughput ratio must reach this
     batch_metric: str = "batch_size"  # substring of the service's batch-size histogram name in /metrics
     out: str = ""  # output folder; default runs/loadtest/<timestamp>
@@ -73,9 +75,9 @@ class RunConfig:
             raise ValueError(f"Unknown scenario {self.scenario!r}; choose from {', '.join(SCENARIOS)}.")
         preset = SCENARIOS[self.scenario]
         self.image_mix = self.image_mix or preset["image_mix"]
-        self.user_classes = self.user_classes or list(preset["user_classes"])
-        if self.bad_input_share < 0:
-            self.bad_input_share = preset["bad_input_share"]
+        for name in ("batch_share", "bad_input_share"):
+            if getattr(self, name) < 0:
+                setattr(self, name, preset[name])
         parse_mix(self.image_mix)
         step_schedule(self.steps)
         if self.step_settle >= self.step_duration:
@@ -88,44 +90,54 @@ def locust_command(cfg: RunConfig, url: str, out_dir: Path, labels: str) -> list
     """The `python -m locust` command line for one target."""
     cmd = [sys.executable, "-m", "locust", "-f", str(LOADTEST_DIR), "--headless", "--host", url,
            "--steps", cfg.steps, "--step-duration", str(cfg.step_duration), "--step-settle", str(cfg.step_settle),
-           "--warmup", str(cfg.warmup), "--slo-p99-ms", str(cfg.slo_p99_ms),
+           "--warmup", str(cfg.warmup), "--latency-objective-ms", str(cfg.latency_objective_ms),
            "--max-error-rate", str(cfg.max_error_rate), "--break-steps", str(cfg.break_steps),
            "--steps-out", str(out_dir / "steps.json"), "--image-mix", cfg.image_mix,
-           "--bad-input-share", str(cfg.bad_input_share), "--labels", labels,
+           "--batch-share", str(cfg.batch_share), "--bad-input-share", str(cfg.bad_input_share), "--labels", labels,
            "--csv", str(out_dir / "locust"), "--html", str(out_dir / "locust_report.html"),
            "--only-summary", "--loglevel", "INFO"]  # fmt: skip
     if cfg.processes:
         cmd += ["--processes", str(cfg.processes)]
-    return cmd + cfg.locust_args + cfg.user_classes
+    return cmd + cfg.locust_args
 
 
 def run_locust(cmd: list[str], out_dir: Path, timeout: float) -> int:
-    """Run Locust, logging its step lines as they come and keeping its full output in locust.log."""
+    """Run Locust with its output in locust.log, reporting each step as the shape writes it to steps.json."""
     log.info("locust: %s", shlex.join(cmd))
+    steps_file, reported = out_dir / "steps.json", 0
+    deadline = time.monotonic() + timeout  # a hung Locust must not hang the runner
     with open(out_dir / "locust.log", "w") as logfile:
-        proc = subprocess.Popen(cmd, cwd=servers.ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        watchdog = threading.Timer(timeout, proc.kill)  # a hung Locust must not hang the runner
-        watchdog.start()
+        proc = subprocess.Popen(cmd, cwd=servers.ROOT, stdout=logfile, stderr=subprocess.STDOUT)
         try:
-            for line in proc.stdout:
-                logfile.write(line)
-                if "/INFO/shape:" in line or "ERROR" in line or "Traceback" in line:
-                    log.info("%s", line.rstrip().split(": ", 1)[-1])
-            code = proc.wait()
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(1)
+                reported = _report_new_steps(steps_file, reported)
         finally:
-            watchdog.cancel()
             if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            code = proc.wait()
+    _report_new_steps(steps_file, reported)
     if code < 0:
         raise TimeoutError(f"Locust was stopped after {timeout:.0f}s (signal {-code}); see {out_dir / 'locust.log'}")
     return code
 
 
+def _report_new_steps(steps_file: Path, reported: int) -> int:
+    """Log the steps finished since the last call (the shape rewrites the file after each); returns the count."""
+    try:
+        steps = json.loads(steps_file.read_text())["steps"]
+    except (OSError, ValueError, KeyError):
+        return reported
+    for s in steps[reported:]:
+        log.info(
+            "step: %d users, %.1f req/s, p50 %s ms, p99 %s ms, errors %.2f%%",
+            s["users"], s["rps"], s["p50_ms"], s["p99_ms"], 100 * s["error_rate"],
+        )  # fmt: skip
+    return len(steps)
+
+
 def measure(cfg: RunConfig, target: servers.Target, label: str, out_dir: Path, labels: str) -> dict:
     """One stepped Locust run against ``target``: steps, headline and the /metrics difference."""
-    import json
-
     out_dir.mkdir(parents=True, exist_ok=True)
     planned = step_schedule(cfg.steps)
     budget = cfg.warmup + len(planned) * cfg.step_duration + 120
@@ -144,7 +156,7 @@ def measure(cfg: RunConfig, target: servers.Target, label: str, out_dir: Path, l
         "locust_command": shlex.join(cmd),
         "locust_exit_code": code,
         "steps": steps,
-        "headline": headline(steps, cfg.slo_p99_ms, cfg.max_error_rate),
+        "headline": headline(steps, cfg.latency_objective_ms, cfg.max_error_rate),
         "metrics": promscrape.summarize(before, after, cfg.batch_metric),
         "files": {
             "locust_csv": str(out_dir / "locust_stats.csv"),
@@ -203,15 +215,18 @@ def benchmark(cfg: RunConfig, command: str) -> dict:
         result["targets"]["service"]["label"] = f"service ({info.get('variant')}, {info.get('provider')})"
         result["settings"]["model"] = info.get("model", result["settings"]["model"])
     if cfg.compare:
-        baseline = servers.start_baseline(folder, tag, out / "baseline", cfg.ready_timeout)
+        spec = servers.BASELINES[cfg.baseline]
+        variant = spec.variant or info.get("variant") or cfg.variant or "int8"  # the expert runs what the service ran
+        baseline = servers.start_baseline(folder, tag, out / "baseline", spec, variant, cfg.ready_timeout)
         try:
-            result["targets"]["baseline"] = measure(cfg, baseline, "FastAPI baseline (fp32)", out / "baseline", labels)
+            label = f"{cfg.baseline} ({variant}, {spec.describe()})"
+            result["targets"]["baseline"] = measure(cfg, baseline, label, out / "baseline", labels)
         finally:
             servers.stop(baseline)
         result["comparison"] = report.comparison(
             result["targets"]["service"]["steps"], result["targets"]["baseline"]["headline"], cfg.max_error_rate
         )
-    result["gate"] = report.gate(result, cfg.slo_p99_ms, cfg.max_error_rate, cfg.min_rps, cfg.min_ratio)
+    result["gate"] = report.gate(result, cfg.latency_objective_ms, cfg.max_error_rate, cfg.min_rps, cfg.min_ratio)
     report.write(result, out)
     return result
 
@@ -219,7 +234,11 @@ def benchmark(cfg: RunConfig, command: str) -> dict:
 def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
     """Command-line options to a RunConfig (defaults and meaning from the dataclass)."""
     d = RunConfig()
-    p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.run",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--host", default=d.host, help="URL of a running service; default: start `bentoml serve`")
     p.add_argument("--model", default=d.model, help="model tag to serve and to load in the baseline")
     p.add_argument("--variant", default=d.variant, choices=["", "fp32", "fp16", "int8"], help="IMGCLS_VARIANT")
@@ -229,19 +248,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
                    help="mix: image mix + batch + bad inputs (default); compare: 500x375 JPEGs on /classify "
                    "(default with --compare)")  # fmt: skip
     p.add_argument("--image-mix", default=d.image_mix, help="override the scenario's image mix")
-    p.add_argument("--users", nargs="+", default=[], dest="user_classes", help="override the Locust user classes")
+    p.add_argument("--batch-share", type=float, default=d.batch_share, help="override the scenario's batch share")
     p.add_argument("--bad-input-share", type=float, default=d.bad_input_share, help="override the scenario's share")
     p.add_argument("--labels", default=d.labels, help="labels to validate against (default: the model's)")
     p.add_argument("--steps", default=d.steps, help="users per step: '1,2,4,8' or '2..64x2'")
     p.add_argument("--step-duration", type=float, default=d.step_duration, help="seconds per step")
     p.add_argument("--step-settle", type=float, default=d.step_settle, help="unmeasured seconds at each step start")
     p.add_argument("--warmup", type=float, default=d.warmup, help="warm-up seconds before the first step")
-    p.add_argument("--slo-p99-ms", type=float, default=d.slo_p99_ms, help="latency objective (p99, ms)")
+    p.add_argument("--latency-objective-ms", type=float, default=d.latency_objective_ms, help="p99 objective, ms")
     p.add_argument("--max-error-rate", type=float, default=d.max_error_rate, help="error budget (0.001 = 0.1%%)")
-    p.add_argument("--min-rps", type=float, default=d.min_rps, help="gate: least req/s within the SLO")
-    p.add_argument("--break-steps", type=int, default=d.break_steps, help="stop after N steps over the SLO (0: never)")
+    p.add_argument("--min-rps", type=float, default=d.min_rps, help="gate: least req/s within the objective")
+    p.add_argument("--break-steps", type=int, default=d.break_steps, help="stop after N steps over it (0: never)")
     p.add_argument("--processes", type=int, default=d.processes, help="Locust worker processes (-1: one per core)")
-    p.add_argument("--compare", action="store_true", help="also run the FastAPI baseline and report the ratio")
+    p.add_argument("--compare", action="store_true", help="also run a baseline server and report the ratio")
+    p.add_argument("--baseline", default=d.baseline, choices=list(servers.BASELINES),
+                   help="fastapi-fp32: what most people write first (fp32, one process); fastapi-expert: the service's "
+                   "variant, one uvicorn worker per core, one onnxruntime thread each")  # fmt: skip
     p.add_argument("--min-ratio", type=float, default=d.min_ratio, help="gate with --compare: least throughput ratio")
     p.add_argument("--batch-metric", default=d.batch_metric, help="name part of the batch-size histogram")
     p.add_argument("--out", default=d.out, help="output folder (default runs/loadtest/<timestamp>)")

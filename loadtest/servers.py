@@ -90,13 +90,49 @@ def start_service(
     return _start("service", cmd, env, out_dir / "service.log", port, timeout)
 
 
-def start_baseline(model_dir: Path, tag: str, out_dir: Path, timeout: float = 120.0) -> Target:
-    """The FastAPI baseline under uvicorn, one process, reading the fp32 model from ``model_dir``."""
+@dataclass(frozen=True)
+class Baseline:
+    """How a hand-written server runs: model variant ("" for the service's), uvicorn workers (0: one per core),
+    onnxruntime threads per worker (0: every core), JPEG reduced-scale decoding."""
+
+    variant: str
+    workers: int
+    ort_threads: int
+    draft: bool
+
+    def describe(self) -> str:
+        workers = f"{self.workers} worker" + ("s" if self.workers != 1 else "") if self.workers else "a worker per core"
+        threads = f"{self.ort_threads} onnxruntime thread(s) each" if self.ort_threads else "onnxruntime on every core"
+        return f"{workers}, {threads}" + (", JPEG draft decoding" if self.draft else "")
+
+
+#: The comparisons ``python -m loadtest.run --compare --baseline NAME`` offers.
+BASELINES = {
+    # What most people write first: FastAPI, one process, the fp32 model, a plain decode.
+    "fastapi-fp32": Baseline("fp32", 1, 0, False),
+    # What an experienced engineer writes: the service's variant, a uvicorn worker per core with one onnxruntime
+    # thread each (no thread oversubscription), JPEGs decoded at reduced scale as the service does.
+    "fastapi-expert": Baseline("", 0, 1, True),
+}
+
+
+def start_baseline(
+    model_dir: Path, tag: str, out_dir: Path, spec: Baseline, variant: str, timeout: float = 120.0
+) -> Target:
+    """A baseline under uvicorn, reading ``variant`` of the model from ``model_dir``."""
     port = free_port()
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "BASELINE_MODEL_DIR": str(model_dir), "BASELINE_MODEL_TAG": tag}
+    env = {
+        **os.environ,
+        "BASELINE_MODEL_DIR": str(model_dir),
+        "BASELINE_MODEL_TAG": tag,
+        "BASELINE_VARIANT": variant,
+        "BASELINE_ORT_THREADS": str(spec.ort_threads),
+        "BASELINE_DRAFT": "1" if spec.draft else "0",
+    }
+    workers = spec.workers or os.cpu_count() or 1
     cmd = [sys.executable, "-m", "uvicorn", "--factory", "loadtest.baselines.fastapi_app:create_app",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+           "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]  # fmt: skip
     return _start("baseline", cmd, env, out_dir / "baseline.log", port, timeout)
 
 

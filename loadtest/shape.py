@@ -1,9 +1,9 @@
 """Step load shape: warm up, then hold each user count for a fixed time and measure it; stop when the SLO breaks.
 
-Active in step mode, when ``--steps`` is given (``"2,4,8,16"`` or ``"2..64x2"``). Without it the shape is a
-plain constant load from ``-u``/``-r``/``-t`` (also what the web UI's user-count fields set), so
-``locust -f loadtest`` behaves as usual. Options come from ``loadtest/locustfile.py``; the step logic itself
-is :class:`loadtest.stepstats.StepPlan`.
+Active in step mode, when ``--steps`` is given (``"2,4,8,16"`` or ``"2..64x2"``); without it the locustfile
+removes the shape, so ``locust -f loadtest`` runs Locust's own constant load. Options come from
+``loadtest/locustfile.py``; the step logic itself is :class:`loadtest.stepstats.StepPlan`. After each step its
+result is written to ``--steps-out`` (the runner follows that file).
 """
 
 from __future__ import annotations
@@ -21,28 +21,21 @@ from loadtest.stepstats import Snapshot, StepPlan, StepResult, step_schedule
 log = logging.getLogger(__name__)
 
 
-def _opt(options, name: str, default):
-    value = getattr(options, name, None) if options is not None else None
-    return default if value is None or value == "" else value
-
-
 def plan_from_options(opts) -> StepPlan:
-    """A StepPlan from Locust's parsed options (custom ones from loadtest/locustfile.py)."""
+    """A StepPlan from Locust's parsed options (custom ones from loadtest/locustfile.py, defaults included)."""
     return StepPlan(
-        users=step_schedule(_opt(opts, "steps", "")),
-        warmup=float(_opt(opts, "warmup", 10.0)),
-        duration=float(_opt(opts, "step_duration", 60.0)),
-        settle=float(_opt(opts, "step_settle", 5.0)),
-        slo_p99_ms=float(_opt(opts, "slo_p99_ms", 200.0)),
-        max_error_rate=float(_opt(opts, "max_error_rate", 0.001)),
-        break_steps=int(_opt(opts, "break_steps", 1)),
+        users=step_schedule(opts.steps),
+        warmup=float(opts.warmup),
+        duration=float(opts.step_duration),
+        settle=float(opts.step_settle),
+        latency_objective_ms=float(opts.latency_objective_ms),
+        max_error_rate=float(opts.max_error_rate),
+        break_steps=int(opts.break_steps),
     )
 
 
 class StepLoadShape(LoadTestShape):
     """Warm-up, then steps of ``--step-duration`` seconds; the first ``--step-settle`` seconds are not measured."""
-
-    use_common_options = True  # without --steps: -u, -r and -t (and the web UI's fields) drive a constant load
 
     def __init__(self):
         super().__init__()
@@ -54,12 +47,7 @@ class StepLoadShape(LoadTestShape):
         self.plan = None
 
     def tick(self):
-        opts = self.runner.environment.parsed_options if self.runner else None
-        if not _opt(opts, "steps", ""):
-            run_time = _opt(opts, "run_time", 0)
-            if run_time and self.get_run_time() >= run_time:
-                return None
-            return int(_opt(opts, "num_users", 1)), float(_opt(opts, "spawn_rate", 1))
+        opts = self.runner.environment.parsed_options
         if self.plan is None:
             self.plan = plan_from_options(opts)
             log.info("step plan: %s users, %gs each", self.plan.users, self.plan.duration)
@@ -85,7 +73,7 @@ class StepLoadShape(LoadTestShape):
             index + 1, result.users, result.rps, result.p50_ms, result.p99_ms, 100 * result.error_rate,
             "within SLO" if ok else "SLO broken",
         )  # fmt: skip
-        path = _opt(opts, "steps_out", "")
+        path = opts.steps_out
         if path:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)

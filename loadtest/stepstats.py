@@ -15,6 +15,22 @@ from dataclasses import asdict, dataclass, field
 PERCENTILES = (0.50, 0.95, 0.99)
 
 
+@dataclass(frozen=True)
+class StepDefaults:
+    """The defaults of a stepped run, defined once: the runner's and Locust's options and the plan read them."""
+
+    steps: str = "1,2,4,6,8,12,16,24,32,48,64"  # users per step (the runner's; Locust's own default is no steps)
+    step_duration: float = 40.0  # seconds per step
+    step_settle: float = 10.0  # seconds at the start of a step left out of its statistics
+    warmup: float = 15.0  # seconds at the first step's load before measuring (JIT, caches, batching warm)
+    latency_objective_ms: float = 200.0  # p99 each step is judged by
+    max_error_rate: float = 0.001  # share of failed requests a step may have
+    break_steps: int = 1  # stop after this many consecutive steps over the objective; 0: run every step
+
+
+DEFAULTS = StepDefaults()
+
+
 @dataclass
 class Snapshot:
     """Cumulative counters of the aggregated stats entry at one moment."""
@@ -94,20 +110,20 @@ def step_result(users: int, start: Snapshot, end: Snapshot) -> StepResult:
     )
 
 
-def meets_slo(step: StepResult | dict, slo_p99_ms: float, max_error_rate: float) -> bool:
-    """True when the step served requests with p99 within the SLO and an error rate within the limit."""
+def meets_slo(step: StepResult | dict, latency_objective_ms: float, max_error_rate: float) -> bool:
+    """True when the step served requests with p99 within the objective and an error rate within the limit."""
     s = step.to_dict() if isinstance(step, StepResult) else step
     return (
         s["requests"] > 0
         and s["p99_ms"] is not None
-        and s["p99_ms"] <= slo_p99_ms
+        and s["p99_ms"] <= latency_objective_ms
         and s["error_rate"] <= max_error_rate
     )
 
 
-def headline(steps: list[dict], slo_p99_ms: float, max_error_rate: float) -> dict | None:
+def headline(steps: list[dict], latency_objective_ms: float, max_error_rate: float) -> dict | None:
     """The step with the highest achieved req/s among those meeting the SLO, or None when none does."""
-    ok = [s for s in steps if meets_slo(s, slo_p99_ms, max_error_rate)]
+    ok = [s for s in steps if meets_slo(s, latency_objective_ms, max_error_rate)]
     return max(ok, key=lambda s: s["rps"]) if ok else None
 
 
@@ -148,12 +164,12 @@ class StepPlan:
     """
 
     users: list[int]
-    warmup: float = 10.0
-    duration: float = 60.0
-    settle: float = 5.0
-    slo_p99_ms: float = 200.0
-    max_error_rate: float = 0.001
-    break_steps: int = 1  # 0: never stop early
+    warmup: float = DEFAULTS.warmup
+    duration: float = DEFAULTS.step_duration
+    settle: float = DEFAULTS.step_settle
+    latency_objective_ms: float = DEFAULTS.latency_objective_ms
+    max_error_rate: float = DEFAULTS.max_error_rate
+    break_steps: int = DEFAULTS.break_steps  # 0: never stop early
     results: list[StepResult] = field(default_factory=list)
     _current: int = -1
     _window_start: Snapshot | None = None
@@ -187,7 +203,7 @@ class StepPlan:
     def _finish(self, end: Snapshot, on_step) -> bool:
         result = step_result(self.users[self._current], self._window_start, end)
         self.results.append(result)
-        ok = meets_slo(result, self.slo_p99_ms, self.max_error_rate)
+        ok = meets_slo(result, self.latency_objective_ms, self.max_error_rate)
         if on_step is not None:
             on_step(self._current, result, ok)
         self._breaks = 0 if ok else self._breaks + 1

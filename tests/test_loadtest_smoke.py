@@ -26,8 +26,8 @@ def test_runner_starts_service_and_baseline_measures_both_and_passes_a_lax_gate(
     proc = run_bench(
         "--model", tiny_model, "--device", "cpu", "--compare", "--scenario", "mix", "--steps", "1,2", *SHORT,
         "--image-mix", "web_jpeg=4,phone_jpeg=1,png=1,webp=1", "--bad-input-share", "0.05",
-        "--slo-p99-ms", "10000", "--out", str(out),
-        "--locust-arg=--equal-weights", "--locust-arg=--image-pool=2",
+        "--latency-objective-ms", "10000", "--out", str(out),
+        "--batch-share", "0.3", "--locust-arg=--image-pool=2",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "SLO gate: passed" in proc.stdout
@@ -63,7 +63,7 @@ def test_runner_starts_service_and_baseline_measures_both_and_passes_a_lax_gate(
 def test_runner_exits_non_zero_when_the_gate_cannot_be_met(server, tmp_path):
     out = tmp_path / "bench"
     proc = run_bench(
-        "--host", server.url, "--scenario", "compare", "--steps", "2", *SHORT, "--slo-p99-ms", "10000",
+        "--host", server.url, "--scenario", "compare", "--steps", "2", *SHORT, "--latency-objective-ms", "10000",
         "--max-error-rate", "1", "--min-rps", "1e9", "--out", str(out),  # only the throughput floor can fail
     )  # fmt: skip
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,10 +1,15 @@
-"""The hand-rolled baseline: what a typical engineer writes first to serve an ONNX classifier.
+"""The hand-written baselines: what an engineer writes to serve an ONNX classifier without this project.
 
-FastAPI in one uvicorn process; per request: read the upload, decode it with Pillow, resize, run the fp32 ONNX
-model on that single image. No batching, no reduced-scale JPEG decoding, no int8. Endpoints are plain ``def``
-so FastAPI runs them in its thread pool (Pillow and onnxruntime release the GIL): a fair baseline, not a
-strawman that blocks the event loop. Same /classify and /classify_batch API and response shape as the
-service, so one Locust scenario runs against both.
+FastAPI under uvicorn; per request: read the upload, decode it with Pillow, resize, run the model on that
+single image (no batching). Endpoints are plain ``def`` so FastAPI runs them in its thread pool (Pillow and
+onnxruntime release the GIL): a fair baseline, not a strawman that blocks the event loop. Same /classify and
+/classify_batch API and response shape as the service, so one Locust scenario runs against both. How it runs
+comes from the environment (``loadtest.servers.BASELINES`` sets it for each named baseline):
+
+- ``BASELINE_VARIANT``: fp32 (default), fp16 or int8;
+- ``BASELINE_ORT_THREADS``: onnxruntime threads per process (0, default: every core);
+- ``BASELINE_DRAFT=1``: decode JPEGs at reduced scale, as Pillow's docs suggest for thumbnails;
+- the number of processes is uvicorn's ``--workers``.
 
     BASELINE_MODEL_DIR=/path/to/model/folder uvicorn --factory loadtest.baselines.fastapi_app:create_app --port 8000
 
@@ -40,12 +45,23 @@ def create_app():
     folder, tag = model_folder()
     labels = json.loads((folder / "labels.json").read_text())
     size = json.loads((folder / "preprocess.json").read_text())["size"]
-    session = ort.InferenceSession(str(folder / "model_fp32.onnx"), providers=["CPUExecutionProvider"])
-    app = FastAPI(title="Baseline image classifier (FastAPI, fp32, one image per call)")
+    variant = os.environ.get("BASELINE_VARIANT", "fp32")
+    threads = int(os.environ.get("BASELINE_ORT_THREADS", "0"))
+    draft = os.environ.get("BASELINE_DRAFT", "0") == "1"
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(
+        str(folder / f"model_{variant}.onnx"), sess_options=options, providers=["CPUExecutionProvider"]
+    )
+    app = FastAPI(title=f"Baseline image classifier (FastAPI, {variant}, one image per call)")
 
     def predict(data: bytes, top_k: int) -> dict:
         try:
-            img = Image.open(io.BytesIO(data)).convert("RGB")
+            img = Image.open(io.BytesIO(data))
+            if draft and img.format == "JPEG":
+                img.draft("RGB", (size, size))
+            img = img.convert("RGB")
         except Exception as exc:
             raise HTTPException(status_code=400, detail=f"Could not read the image: {exc}") from exc
         w, h = img.size
