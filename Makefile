@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## create .venv and install the project with training, load-test, drift and dev extras
 
-system-deps: ## install promtool and prometheus (Debian package) for the metrics tests, if missing
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+system-deps: ## install Debian's prometheus (with promtool) and prometheus-pushgateway, if missing
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v prometheus-pushgateway >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus prometheus-pushgateway >/dev/null; }
 
 train: setup ## generate the demo data, train, export fp32/fp16/int8 and save to the BentoML model store
 	$(PY) -m training --demo
