@@ -38,6 +38,9 @@ test: setup system-deps ## set up and run every test (GPU tests skip without a G
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
+monitor: setup system-deps ## Prometheus (rules, :9090) watching the service on :3000 ($BENTOML_PORT) and the drift Pushgateway
+	$(PY) -m monitoring.monitor
+
 bench: setup ## model-stage benchmark, then the full load-test comparison against the FastAPI baseline
 	$(PY) -m training.bench
 	$(PY) -m loadtest.run --compare
@@ -47,6 +50,6 @@ lint: setup ## format and lint
 	$(BIN)/ruff check --fix .
 
 clean: ## remove caches and generated outputs (keeps .venv and the model store)
-	rm -rf .pytest_cache .ruff_cache build runs reports results
+	rm -rf .pytest_cache .ruff_cache build runs reports results .monitor
 
-.PHONY: help setup system-deps train demo serve test bench lint clean
+.PHONY: help setup system-deps train demo serve monitor test bench lint clean
