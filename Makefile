@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## create .venv and install the project with training, load-test, drift and dev extras
 
-system-deps: ## install promtool and prometheus (Debian package) for the metrics tests, if missing
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+system-deps: ## install Debian's prometheus (with promtool) and prometheus-pushgateway, if missing
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v prometheus-pushgateway >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      prometheus prometheus-pushgateway >/dev/null; }
 
 train: setup ## generate the demo data, train, export fp32/fp16/int8 and save to the BentoML model store
 	$(PY) -m training --demo
@@ -37,6 +38,9 @@ test: setup system-deps ## set up and run every test (GPU tests skip without a G
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
+monitor: setup system-deps ## Prometheus (rules, :9090) watching the service on :3000 ($BENTOML_PORT) and the drift Pushgateway
+	$(PY) -m monitoring.monitor
+
 bench: setup ## model-stage benchmark, then the full load-test comparison against the FastAPI baseline
 	$(PY) -m loadtest.modelbench
 	$(PY) -m loadtest.run --compare
@@ -46,6 +50,6 @@ lint: setup ## format and lint
 	$(BIN)/ruff check --fix .
 
 clean: ## remove caches and generated outputs (keeps .venv and the model store)
-	rm -rf .pytest_cache .ruff_cache build runs reports results
+	rm -rf .pytest_cache .ruff_cache build runs reports results .monitor
 
-.PHONY: help setup system-deps train demo serve test bench lint clean
+.PHONY: help setup system-deps train demo serve monitor test bench lint clean
