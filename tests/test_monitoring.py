@@ -13,15 +13,15 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
 from loadtest.servers import free_port
+from loadtest.stepstats import DEFAULTS
 from monitoring.monitor import answers
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "monitoring"
 RULES = MONITORING / "rules.yml"
 RULE_TESTS = sorted((MONITORING / "tests").glob("*.yml"))
@@ -71,23 +71,10 @@ def test_every_alert_has_tests_that_must_fire_and_must_not_fire():
 
 
 def test_latency_objective_matches_the_load_test_gate():
-    from loadtest.run import RunConfig
-
     (slo,) = [rule["expr"] for rule in rules() if rule.get("record") == "imgcls:slo_p99_latency_seconds"]
-    assert float(slo.removeprefix("vector(").removesuffix(")")) == RunConfig().slo_p99_ms / 1000
+    assert float(slo.removeprefix("vector(").removesuffix(")")) == DEFAULTS.latency_objective_ms / 1000
 
 
-# Metrics the dashboard and rules use that the service does not export yet (the lead adds them with the
-# readiness, out-of-distribution, in-flight and inference-log work). Panels that read them are not checked,
-# and the test fails once one of them appears, so that it is removed from here. Empty this set on that merge.
-NOT_YET_EXPORTED = {
-    "imgcls_ready",
-    "imgcls_in_flight",
-    "imgcls_unfamiliar_total",
-    "imgcls_ood_score",
-    "imgcls_inference_log_write_errors_total",
-    "imgcls_inference_log_dropped_total",
-}
 DASHBOARD = MONITORING / "grafana" / "dashboard.json"
 LOAD_SECONDS = 15
 
@@ -109,11 +96,6 @@ def metric_names(expr: str) -> set[str]:
                 todo.append(records[token])
             names.add(token)
     return names
-
-
-def reads_unexported(expr: str) -> bool:
-    suffixes = ("", "_bucket", "_sum", "_count")
-    return any(name + s in metric_names(expr) for name in NOT_YET_EXPORTED for s in suffixes)
 
 
 def test_dashboard_queries_use_existing_recording_rules_and_no_grafana_variables():
@@ -199,18 +181,12 @@ def test_make_monitor_shows_every_dashboard_figure_under_load_and_stops_on_ctrl_
 
         # A test has no week of history: "last week" queries are checked without their offset.
         checked = {(title, expr.replace(" offset 1w", "")) for title, expr in dashboard_targets()}
-        checked = {(title, expr) for title, expr in checked if not reads_unexported(expr)}
         empty = set(checked)
         deadline = time.monotonic() + 60  # recording rules need a few evaluations after the first scrapes
         while empty and time.monotonic() < deadline:
             empty = {(title, expr) for title, expr in empty if not has_figures(query(base, expr))}
             time.sleep(1)
         assert not empty, "dashboard queries without figures:\n" + "\n".join(f"  {t}: {e}" for t, e in empty)
-
-        now_exported = [
-            name for name in NOT_YET_EXPORTED if query(base, f'count({{__name__=~"{name}(_bucket|_sum|_count)?"}})')
-        ]
-        assert not now_exported, f"exported now: remove {now_exported} from NOT_YET_EXPORTED"
 
         with urllib.request.urlopen(base + "/api/v1/rules", timeout=10) as resp:
             groups = json.load(resp)["data"]["groups"]
