@@ -195,3 +195,40 @@ def test_cli_reports_bad_folders_without_a_traceback(tmp_path, layout, message):
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_tiny_folder_trains_with_few_optimiser_steps(tmp_path):
+    """3 classes x 40 images, 2 epochs: four optimiser steps in all, too few for the one-cycle schedule."""
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        for i in range(40):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 30, (60, 80, 3)), 0, 255).astype(np.uint8)
+            (tmp_path / "photos" / f"c{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(tmp_path / "photos" / f"c{c}" / f"{i}.jpg")
+    cmd = [sys.executable, "-m", "training", "--data", str(tmp_path / "photos"), "--epochs", "2",
+           "--out-dir", str(tmp_path / "runs"), "--store", "false", "--speed-seconds", "0.1"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy" in proc.stdout and "flagged as unfamiliar" in proc.stdout
+    (run,) = (tmp_path / "runs").iterdir()
+    assert not run.name.endswith(".partial") and (run / "metrics.json").exists()
+
+
+def test_a_failed_run_keeps_the_partial_suffix(tmp_path, monkeypatch):
+    from training import pipeline
+
+    for cls in ("a", "b"):
+        for i in range(6):
+            _write_image(tmp_path / "photos" / cls / f"{i}.jpg")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("training.train.train", broken)
+    cfg = TrainConfig(data=str(tmp_path / "photos"), out_dir=str(tmp_path / "runs"), workers=1, store=False)
+    with pytest.raises(RuntimeError, match="disk full"):
+        pipeline.run(cfg)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.endswith(".partial") and not (run / "metrics.json").exists()

@@ -10,9 +10,10 @@ from training.dataset import DatasetError
 
 USAGE = """usage: python -m training (--demo | --data FOLDER) [--key value ...]
 
-Trains a classifier, exports ONNX fp32/fp16/int8, checks them, writes the drift reference and saves one
-model to the BentoML model store (BENTOML_HOME). FOLDER holds one subfolder of JPEG/PNG/WebP images per
-class, or train/ val/ [test/] folders each holding those. Examples:
+Trains a classifier, exports ONNX fp32/fp16/int8, checks them, writes each variant's drift reference and
+unfamiliar-image detector and saves one model to the BentoML model store (BENTOML_HOME). FOLDER holds one
+subfolder of images (JPEG, PNG, WebP, BMP, GIF, TIFF) per class, or train/ val/ [test/] folders each holding
+those. A run writes into RUN.partial and renames it to RUN when it finished. Examples:
 
   python -m training --demo
   python -m training --data ~/photos --epochs 20 --image-size 96
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         f"int8 drop: {m['int8_drop_points']:.2f} points; int8 vs fp32 at batch {m['speed']['batch']}: "
         f"{m['speed']['int8_vs_fp32']:.2f}x (short check)"
     )
+    flagged = ", ".join(f"{v} {100 * u['flagged_test']:.1f}%" for v, u in m["unfamiliar"].items())
+    print(f"test images flagged as unfamiliar (about 1% expected): {flagged}")
     if result.tag:
         print(f"model: {result.tag}   (bentoml models get {result.tag})")
     return 0

@@ -20,6 +20,9 @@ from training.model import ClassifierNet, Normalise
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "best.pt"
+#: Fewer steps than this leave no room for the one-cycle warm-up (torch divides by zero when a quarter of the
+#: steps is a single step): a tiny data set trains at the constant peak rate instead.
+MIN_ONE_CYCLE_STEPS = 8
 
 
 @dataclass
@@ -93,7 +96,11 @@ def train(
         gen = torch.Generator().manual_seed(cfg.seed)
         steps = cfg.epochs * max(1, -(-len(train_set.labels) // cfg.batch_size))
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.25)
+        sched = None
+        if steps >= MIN_ONE_CYCLE_STEPS:
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.25)
+        else:
+            log.info("only %d optimiser steps: a constant learning rate instead of the one-cycle schedule", steps)
         pixels, labels = torch.from_numpy(train_set.pixels), torch.from_numpy(train_set.labels)
         normalise = Normalise(spec.mean, spec.std)
         history.best_val_acc = -1.0
@@ -121,7 +128,8 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
+                if sched is not None:
+                    sched.step()
                 seen += len(idx)
                 loss_sum += loss.item() * len(idx)
                 correct += (logits.argmax(1) == y).sum().item()
