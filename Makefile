@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PORT := $${BENTOML_PORT:-3000}
+# make serve HOST=0.0.0.0 accepts connections from other machines; the default only from this one.
+HOST ?= 127.0.0.1
 
 .DEFAULT_GOAL := help
 
@@ -31,7 +33,7 @@ demo: train ## set up, train on the demo data, store, then serve on port 3000 (o
 	$(MAKE) serve
 
 serve: setup ## serve the latest stored model on port 3000 (or $BENTOML_PORT), no retraining
-	$(BIN)/bentoml serve . --host 0.0.0.0 --port $(PORT)
+	$(BIN)/bentoml serve . --host $(HOST) --port $(PORT)
 
 test: setup system-deps ## set up and run every test (GPU tests skip without a GPU)
 	$(BIN)/ruff check .
@@ -45,6 +47,12 @@ bench: setup ## model-stage benchmark, then the full load-test comparison agains
 	$(PY) -m loadtest.modelbench
 	$(PY) -m loadtest.run --compare
 
+audit: setup ## the installed packages against PyPI's vulnerability data (says so when it cannot be reached)
+	@test -x .venv-audit/bin/pip-audit || { $(PYTHON) -m venv .venv-audit && .venv-audit/bin/pip install -q pip-audit; }
+	@.venv-audit/bin/pip-audit --path "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+	  --format json --output .audit.json --progress-spinner off >/dev/null 2>&1 || true
+	@$(PY) tools/audit.py .audit.json
+
 lint: setup ## format and lint
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
@@ -52,4 +60,4 @@ lint: setup ## format and lint
 clean: ## remove caches and generated outputs (keeps .venv and the model store)
 	rm -rf .pytest_cache .ruff_cache build runs reports results .monitor
 
-.PHONY: help setup system-deps train demo serve monitor test bench lint clean
+.PHONY: help setup system-deps train demo serve monitor test bench audit lint clean
