@@ -66,7 +66,12 @@ def check_stored_model(folder: str | Path, plan: Plan, settings: Settings) -> No
         pixels, size = preprocess_bytes(test_image(), files.spec)
     except ApiError as exc:
         raise ModelFilesError(f"the test image cannot be preprocessed with {folder}/preprocess.json: {exc}") from None
-    rows = model.infer(pixels[None])
+    try:
+        rows = model.infer(pixels[None])
+    except Exception as exc:  # onnxruntime's own error types: a shape or type the graph does not take
+        raise ModelFilesError(
+            f"{model.model_file.name} cannot run the test image as {folder}/preprocess.json prepares it: {exc}"
+        ) from None
     detector = files.detectors[variant]
     score = float(detector.score(detector.features(rows[:, len(files.labels) :], [image_stats(pixels, size)]))[0])
     check_outputs(rows, len(files.labels), score, str(model.model_file))
