@@ -162,6 +162,11 @@ class SimulationResult:
     ok: int = 0
     errors: Counter = field(default_factory=Counter)  # status code (or exception name) -> count
     labels: Counter = field(default_factory=Counter)  # predicted label -> count
+    unfamiliar: int = 0  # answers flagged as unlike the training images
+
+    @property
+    def unfamiliar_share(self) -> float:
+        return self.unfamiliar / self.ok if self.ok else float("nan")
 
 
 def simulate(
@@ -181,7 +186,7 @@ def simulate(
     seeds = np.random.default_rng(seed).integers(0, 2**32, size=len(images))
     url = host.rstrip("/") + "/classify"
 
-    def send(i: int) -> tuple[int | str, str | None]:
+    def send(i: int) -> tuple[int | str, dict]:
         data, content_type = shift_image(images[i], shift, np.random.default_rng(seeds[i]))
         name = f"image{i}." + content_type.split("/")[-1]
         try:
@@ -189,21 +194,22 @@ def simulate(
                 url, files={"image": (name, data, content_type)}, headers={"X-Traffic-Source": source}, timeout=timeout
             )
         except httpx.HTTPError as e:
-            return type(e).__name__, None
+            return type(e).__name__, {}
         if resp.status_code != 200:
-            return resp.status_code, None
+            return resp.status_code, {}
         try:
-            return 200, resp.json().get("label")
+            return 200, resp.json()
         except ValueError:
-            return 200, None
+            return 200, {}
 
     result = SimulationResult()
     with httpx.Client() as client, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for status, label in pool.map(send, range(len(images))):
+        for status, answer in pool.map(send, range(len(images))):
             result.sent += 1
             if status == 200:
                 result.ok += 1
-                result.labels[str(label)] += 1
+                result.labels[str(answer.get("label"))] += 1
+                result.unfamiliar += bool(answer.get("unfamiliar"))
             else:
                 result.errors[str(status)] += 1
     if result.errors:
@@ -237,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         shift = "none" if args.shift == "unseen" else args.shift
     result = simulate(args.host, images, shift, args.seed, args.workers, source=args.source)
     print(f"sent {result.sent} images ({args.shift}): {result.ok} ok")
+    if result.ok:
+        print(f"  unfamiliar: {result.unfamiliar} of {result.ok} ({100 * result.unfamiliar_share:.1f}%)")
     for label, count in result.labels.most_common():
         print(f"  {label:<20} {count}")
     for status, count in result.errors.items():

@@ -1,25 +1,43 @@
 """The "unfamiliar image" detector: how far an image lies from everything the model was trained on.
 
-Features: the model's embedding plus the image statistics that describe content (brightness, contrast,
-sharpness, colourfulness, saturation, entropy; not the upload's size, which says nothing about what the photo
-shows), each standardised on the training images. Score: the Mahalanobis distance to the nearest class
-mean, with one covariance shared by the classes (Lee et al., 2018), fitted on the training images of the
-variant that is served. Threshold: a quantile (default 99%) of the scores of held-out images, so about 1% of
-images like the training set are flagged. The fitted numbers are stored with the model (``ood.json``, one
-entry per variant) and the service scores each image in well under a tenth of a millisecond.
+Two distances, because each misses what the other sees (measured on the demo model, docs/drift.md):
+
+- **Mahalanobis** (Lee et al., 2018): from the image's features (the model's embedding plus the statistics
+  that describe content: brightness, contrast, sharpness, colourfulness, saturation, entropy; not the upload's
+  size, which says nothing about what the photo shows), each standardised on the training images, to the
+  nearest class mean, under one covariance shared by the classes. Far-away images (a photo of a street, a
+  page of text) stand out; a new kind of the same sort of image (a shape the model never saw) does not.
+- **Nearest neighbours** (Sun et al., 2022): one minus the cosine similarity of the embedding to its k-th
+  nearest training embedding. It notices the new kinds that the first one misses.
+
+Each distance is divided by its own 98% quantile on held-out images and the larger of the two is taken; the
+score is that, divided by its ``quantile`` (default 99%) on the held-out images. So the score reads the same for
+every model: above 1.0 an image is *unfamiliar*, and about 1% of images like the training set are. Fitted on
+the variant that is served; stored with the model (``ood.json``, one entry per variant); a score costs well
+under a tenth of a millisecond per image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-METHOD = "mahalanobis-shared-covariance"
+METHOD = "mahalanobis+knn"
 CONTENT_STATS = ("brightness", "contrast", "sharpness", "colorfulness", "saturation", "entropy")
 #: Added to the covariance's diagonal (in standardised units): keeps it invertible with few images per dimension.
 SHRINKAGE = 1e-3
+#: Each distance is scaled by this quantile of its held-out values before the two are combined.
+PART_QUANTILE = 0.98
+K = 10
+#: At most this many training embeddings are kept for the neighbour search (a seeded sample of larger sets).
+BANK_SIZE = 2000
+
+
+def _unit(embedding: np.ndarray) -> np.ndarray:
+    x = np.asarray(embedding, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 @dataclass(frozen=True)
@@ -27,25 +45,37 @@ class OodDetector:
     """Fitted numbers of the detector for one model variant."""
 
     stats: tuple[str, ...]
-    center: np.ndarray  # [D] feature means on the training images
+    center: np.ndarray  # [D] feature means on the training images (embedding, then stats)
     scale: np.ndarray  # [D] feature standard deviations
     class_means: np.ndarray  # [C, D] in standardised units
     precision: np.ndarray  # [D, D] inverse of the shared covariance
-    threshold: float
+    mahalanobis_scale: float  # PART_QUANTILE of held-out Mahalanobis distances
+    bank: np.ndarray  # [M, E] unit-length training embeddings
+    k: int
+    knn_scale: float  # PART_QUANTILE of held-out neighbour distances
+    threshold: float  # the combined distance that scores 1.0
     quantile: float
 
-    def features(self, embedding: np.ndarray, stats: Sequence[dict[str, float]] | np.ndarray) -> np.ndarray:
-        """[N, D] raw features: the embedding, then the statistics this detector uses."""
-        if not isinstance(stats, np.ndarray):
-            stats = np.array([[row[k] for k in self.stats] for row in stats], dtype=np.float64)
-        return np.concatenate([np.asarray(embedding, dtype=np.float64).reshape(len(stats), -1), stats], axis=1)
+    def _stats_matrix(self, stats: Sequence[Mapping[str, float]] | np.ndarray, n: int) -> np.ndarray:
+        if isinstance(stats, np.ndarray):
+            return stats.reshape(n, len(self.stats)).astype(np.float64)
+        return np.array([[row[k] for k in self.stats] for row in stats], dtype=np.float64).reshape(n, len(self.stats))
 
-    def score(self, features: np.ndarray) -> np.ndarray:
-        """[N] distances: the Mahalanobis distance of each row to the nearest class mean."""
-        z = (np.asarray(features, dtype=np.float64) - self.center) / self.scale
+    def parts(self, embedding: np.ndarray, stats: Sequence[Mapping[str, float]] | np.ndarray) -> np.ndarray:
+        """[N, 2] raw distances: Mahalanobis to the nearest class mean, and to the k-th nearest neighbour."""
+        embedding = np.asarray(embedding, dtype=np.float64).reshape(len(embedding), -1)
+        features = np.concatenate([embedding, self._stats_matrix(stats, len(embedding))], axis=1)
+        z = (features - self.center) / self.scale
         diff = z[:, None, :] - self.class_means[None, :, :]  # [N, C, D]
         d2 = np.einsum("ncd,de,nce->nc", diff, self.precision, diff)
-        return np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+        similarity = _unit(embedding) @ self.bank.T  # [N, M]
+        kth = np.partition(-similarity, self.k - 1, axis=1)[:, self.k - 1]
+        return np.stack([np.sqrt(np.maximum(d2.min(axis=1), 0.0)), 1.0 + kth], axis=1)
+
+    def score(self, embedding: np.ndarray, stats: Sequence[Mapping[str, float]] | np.ndarray) -> np.ndarray:
+        """[N] unfamiliarity: above 1.0 the image is unlike the training images (see the module)."""
+        raw = self.parts(embedding, stats)
+        return np.maximum(raw[:, 0] / self.mahalanobis_scale, raw[:, 1] / self.knn_scale) / self.threshold
 
     def to_dict(self) -> dict:
         return {
@@ -55,6 +85,10 @@ class OodDetector:
             "scale": self.scale.tolist(),
             "class_means": self.class_means.tolist(),
             "precision": self.precision.tolist(),
+            "mahalanobis_scale": self.mahalanobis_scale,
+            "bank": np.round(self.bank, 5).tolist(),
+            "k": self.k,
+            "knn_scale": self.knn_scale,
             "threshold": self.threshold,
             "quantile": self.quantile,
         }
@@ -64,14 +98,17 @@ class OodDetector:
         """The detector stored in ``raw``; ValueError when it is not one this code can use."""
         if raw.get("method") != METHOD:
             raise ValueError(f"unknown detector method {raw.get('method')!r} (this code uses {METHOD})")
+        arrays = {k: np.asarray(raw[k], dtype=np.float64) for k in ("center", "scale", "class_means", "precision")}
+        bank = np.asarray(raw["bank"], dtype=np.float64)
         detector = cls(
             stats=tuple(raw["stats"]),
-            center=np.asarray(raw["center"], dtype=np.float64),
-            scale=np.asarray(raw["scale"], dtype=np.float64),
-            class_means=np.asarray(raw["class_means"], dtype=np.float64),
-            precision=np.asarray(raw["precision"], dtype=np.float64),
+            bank=bank,
+            k=int(raw["k"]),
+            mahalanobis_scale=float(raw["mahalanobis_scale"]),
+            knn_scale=float(raw["knn_scale"]),
             threshold=float(raw["threshold"]),
             quantile=float(raw["quantile"]),
+            **arrays,
         )
         d = len(detector.center)
         shapes_ok = (
@@ -79,21 +116,28 @@ class OodDetector:
             and detector.class_means.ndim == 2
             and detector.class_means.shape[1] == d
             and detector.precision.shape == (d, d)
+            and bank.ndim == 2
+            and bank.shape[1] == d - len(detector.stats)
+            and 1 <= detector.k <= len(bank)
         )
-        if not shapes_ok or not np.isfinite(detector.threshold) or not np.all(detector.scale > 0):
+        numbers = (detector.threshold, detector.mahalanobis_scale, detector.knn_scale)
+        if not shapes_ok or not np.all(np.isfinite(numbers)) or min(numbers[1:]) <= 0 or not np.all(detector.scale > 0):
             raise ValueError("detector arrays have inconsistent shapes or values")
         return detector
 
 
 def fit(
-    train_features: np.ndarray,
+    train_embedding: np.ndarray,
+    train_stats: np.ndarray,
     train_labels: np.ndarray,
-    heldout_features: np.ndarray,
+    heldout_embedding: np.ndarray,
+    heldout_stats: np.ndarray,
     stats: Sequence[str] = CONTENT_STATS,
     quantile: float = 0.99,
+    seed: int = 0,
 ) -> OodDetector:
-    """Fit the class means and shared covariance on training features; set the threshold on held-out ones."""
-    x = np.asarray(train_features, dtype=np.float64)
+    """Fit on the training images' embeddings and content statistics; scale and set the threshold on held-out ones."""
+    x = np.concatenate([np.asarray(train_embedding, np.float64), np.asarray(train_stats, np.float64)], axis=1)
     center, scale = x.mean(axis=0), x.std(axis=0)
     scale = np.where(scale > 1e-9, scale, 1.0)  # a constant feature (unused embedding dimension) stays neutral
     z = (x - center) / scale
@@ -101,8 +145,17 @@ def fit(
     means = np.stack([z[train_labels == c].mean(axis=0) for c in classes])
     residual = z - means[np.searchsorted(classes, train_labels)]
     covariance = residual.T @ residual / max(1, len(z) - len(classes)) + SHRINKAGE * np.eye(z.shape[1])
-    detector = OodDetector(
-        tuple(stats), center, scale, means, np.linalg.inv(covariance), threshold=np.inf, quantile=quantile
+    bank = _unit(train_embedding)
+    if len(bank) > BANK_SIZE:
+        bank = bank[np.sort(np.random.default_rng(seed).permutation(len(bank))[:BANK_SIZE])]
+    k = min(K, len(bank))
+    unscaled = OodDetector(
+        tuple(stats), center, scale, means, np.linalg.inv(covariance), 1.0, bank, k, 1.0, 1.0, quantile
     )
-    threshold = float(np.quantile(detector.score(heldout_features), quantile))
-    return OodDetector(tuple(stats), center, scale, means, detector.precision, threshold, quantile)
+    parts = unscaled.parts(heldout_embedding, np.asarray(heldout_stats))
+    m_scale, k_scale = (max(float(np.quantile(parts[:, i], PART_QUANTILE)), 1e-9) for i in (0, 1))
+    combined = np.maximum(parts[:, 0] / m_scale, parts[:, 1] / k_scale)
+    threshold = max(float(np.quantile(combined, quantile)), 1e-9)
+    return OodDetector(
+        tuple(stats), center, scale, means, unscaled.precision, m_scale, bank, k, k_scale, threshold, quantile
+    )

@@ -48,14 +48,14 @@ class Answerer:
         """One result per row of model output ``[N, classes + embedding]``; each is logged and counted."""
         n = len(self.labels)
         probs, embedding = rows[:, :n], rows[:, n:]
-        scores = self.detector.score(self.detector.features(embedding, stats))
+        scores = self.detector.score(embedding, stats)
         results = []
         for i, row in enumerate(probs):
             order = np.argsort(-row, kind="stable")[: min(top_k, n)]
             top = [{"label": self.labels[j], "score": round(float(row[j]), 6)} for j in order]
             label, score = top[0]["label"], top[0]["score"]
             ood = float(scores[i]) if math.isfinite(scores[i]) else 1e9
-            unfamiliar = ood > self.detector.threshold
+            unfamiliar = ood > 1.0
             self.metrics.predictions.labels(label=label).inc()
             self.metrics.confidence.observe(score)
             self.metrics.ood_score.observe(ood)

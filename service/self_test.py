@@ -73,7 +73,7 @@ def check_stored_model(folder: str | Path, plan: Plan, settings: Settings) -> No
             f"{model.model_file.name} cannot run the test image as {folder}/preprocess.json prepares it: {exc}"
         ) from None
     detector = files.detectors[variant]
-    score = float(detector.score(detector.features(rows[:, len(files.labels) :], [image_stats(pixels, size)]))[0])
+    score = float(detector.score(rows[:, len(files.labels) :], [image_stats(pixels, size)])[0])
     check_outputs(rows, len(files.labels), score, str(model.model_file))
     log.info("model check passed in %.2fs: %s (%s)", time.perf_counter() - start, folder, variant)
 
@@ -92,5 +92,5 @@ async def classify_test_image(service: t.Any) -> None:
             await asyncio.sleep(0.5)
     detector = service.answerer.detector
     classes = len(service.answerer.labels)
-    score = float(detector.score(detector.features(rows[:, classes:], [stats]))[0])
+    score = float(detector.score(rows[:, classes:], [stats])[0])
     check_outputs(np.asarray(rows), classes, score, "the model")

@@ -149,7 +149,6 @@ def run(cfg: TrainConfig) -> RunResult:
         "unfamiliar": {
             v: {
                 "method": r.detector.to_dict()["method"],
-                "threshold": round(r.detector.threshold, 4),
                 "flagged_validation": round(r.flagged_val, 4),
                 "flagged_test": round(r.flagged_test, 4),
             }

@@ -57,10 +57,12 @@ def score_variant(
     """Run one variant over train/val/test, fit its detector and build its reference (held-out: val + test)."""
     session = session_for(path, threads=threads)
     outputs = {name: predict(session, images.pixels) for name, images in splits.items()}
-    features = {name: np.concatenate([outputs[name][1], _ood_stats(stats[name])], axis=1) for name in splits}
-    detector = ood.fit(features["train"], splits["train"].labels, features["val"])
-    scores = {name: detector.score(f) for name, f in features.items()}
-    flagged = {name: float((scores[name] > detector.threshold).mean()) for name in ("val", "test")}
+    content = {name: _ood_stats(stats[name]) for name in splits}
+    detector = ood.fit(
+        outputs["train"][1], content["train"], splits["train"].labels, outputs["val"][1], content["val"], seed=seed
+    )
+    scores = {name: detector.score(outputs[name][1], content[name]) for name in splits}
+    flagged = {name: float((scores[name] > 1.0).mean()) for name in ("val", "test")}
 
     heldout = ("val", "test")
     probs = np.concatenate([outputs[n][0] for n in heldout])
@@ -79,7 +81,7 @@ def score_variant(
     )
     reference = pd.concat([frame, emb_cols], axis=1)
     log.info(
-        "%s: unfamiliar-image threshold %.2f (%.0f%% quantile of validation scores); flags %.1f%% of test images",
-        path.name, detector.threshold, 100 * detector.quantile, 100 * flagged["test"],
+        "%s: unfamiliar-image detector set on validation images (%.0f%% quantile); flags %.1f%% of test images",
+        path.name, 100 * detector.quantile, 100 * flagged["test"],
     )  # fmt: skip
     return VariantScores(outputs["test"][0], detector, flagged["val"], flagged["test"], reference)
