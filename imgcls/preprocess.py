@@ -130,11 +130,11 @@ def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Imag
     return img
 
 
-def to_rgb(img: Image.Image, spec: PreprocessSpec, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
-    """Decode the first frame to an upright RGB image, compositing transparency on the spec's background colour.
+def plan_decode(img: Image.Image, spec: PreprocessSpec, limits: DecodeLimits = DecodeLimits()) -> int:
+    """Set up the decode of an opened image and return the pixels it will produce; 413 when over the budget.
 
-    JPEG decodes at the smallest scale (1/2, 1/4, 1/8) that still covers the target size. Every other
-    format must fit ``limits.max_decode_pixels`` as it is.
+    JPEG decodes at the smallest scale (1/2, 1/4, 1/8) that still covers the target size; every other format
+    decodes in full and must fit ``limits.max_decode_pixels`` as it is. Nothing is decoded yet.
     """
     if img.format in SCALED_DECODE:
         # EXIF rotation by 90 degrees swaps axes, but draft keeps both sides >= the target anyway.
@@ -147,6 +147,12 @@ def to_rgb(img: Image.Image, spec: PreprocessSpec, limits: DecodeLimits = Decode
             f"A {img.format} image of {width}x{height} pixels must be decoded in full, over the "
             f"{limits.max_decode_pixels} pixel budget (IMGCLS_MAX_DECODE_PIXELS); downscale it or send a JPEG.",
         )
+    return width * height
+
+
+def to_rgb(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """Decode the first frame (as planned by :func:`plan_decode`) to an upright RGB image, compositing
+    transparency on the spec's background colour."""
     try:
         img.load()  # the current frame: the first, as opened (n_frames would scan every frame)
         img = ImageOps.exif_transpose(img)
@@ -195,7 +201,8 @@ def preprocess_bytes(
     """Bytes of an upload to the model's uint8 HWC input, plus the original (width, height); ApiError if unusable."""
     img = open_image(data, limits)
     size = upright_size(img)  # before draft mode shrinks img.size
-    return resize(to_rgb(img, spec, limits), spec), size
+    plan_decode(img, spec, limits)
+    return resize(to_rgb(img, spec), spec), size
 
 
 #: Files a user trains on are trusted: only Pillow's own decompression-bomb ceiling applies.

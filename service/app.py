@@ -5,8 +5,8 @@ Where a ``POST /classify`` goes, by file:
 - ``service/middleware.py``: received within size and time bounds (and the API key), given a processing slot
   and a deadline;
 - ``service/parse.py``: the multipart body (or the raw image) parsed into files, ``top_k`` and ``source``;
-- ``imgcls/preprocess.py``: decoded in a thread of this worker, oriented, resized; ``imgcls/imagestats.py``
-  measures it for the drift job;
+- ``service/decoding.py``: decoded in a thread of this worker (a slower lane for costly images) by
+  ``imgcls/preprocess.py``: oriented, resized; ``imgcls/imagestats.py`` measures it for the drift job;
 - ``service/batching.py``: batched with the concurrent requests, never waiting for company;
 - ``service/session.py``: run by onnxruntime, in this worker (the CPU default) or in ``SharedModel``, one
   process fed by every worker (the GPU default), over ``.npy`` bodies (``service/wire.py``);
@@ -23,10 +23,8 @@ import asyncio
 import logging
 import os
 import sys
-import time
 import typing as t
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 import bentoml
@@ -36,14 +34,13 @@ from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, RedirectResponse
 
 from imgcls.errors import ApiError
-from imgcls.imagestats import image_stats
 from imgcls.inference_log import PRODUCTION, InferenceLogWriter
 from imgcls.model_files import ModelFiles, ModelFilesError, open_model
 from imgcls.onnx_run import cuda_usable
-from imgcls.preprocess import preprocess_bytes
 from service import metrics, self_test, session
 from service.answers import Answerer, error_response
 from service.batching import Batcher, in_process
+from service.decoding import Decoder
 from service.middleware import ApiKeyAuth, ConcurrencyLimit, Deadline, ErrorShape, KeepAliveLimit, UploadReceiver
 from service.parse import ImageBatchUpload, ImageUpload, UploadSpec
 from service.settings import Settings, SettingsError, cpu_count, resolve
@@ -215,7 +212,6 @@ class ImageClassifier:
         stored = stored_model(self.model_ref.tag)
         self.tag = str(stored.tag)
         files = open_model(stored.path)
-        self.spec, self.limits = files.spec, SETTINGS.decode_limits
         variant = session.choose_variant(SETTINGS.variant, PLAN.device, files.variants)
         recorded = metrics.get()
         self.inference_log = InferenceLogWriter(
@@ -236,7 +232,7 @@ class ImageClassifier:
         else:
             model = open_session(files, self.tag, strict_device=False)
             self.batcher = Batcher(in_process(model), PLAN.max_batch_size, 1, wait_s, SETTINGS.retry_after_s)
-        self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")
+        self.decoder = Decoder(files.spec, SETTINGS.decode_limits, SETTINGS.decode_threads)
         self.serving = False
 
     @bentoml.on_startup
@@ -263,7 +259,7 @@ class ImageClassifier:
         self.serving = False
         metrics.get().ready.set(0)
         self.inference_log.close()
-        self.decoders.shutdown(wait=False)
+        self.decoder.close()
 
     @bentoml.api(route="/classify", input_spec=ImageUpload, output_spec=ClassifyResult)
     async def classify(self, image: bytes, top_k: int = 5, source: str = PRODUCTION) -> JSONResponse:
@@ -304,15 +300,8 @@ class ImageClassifier:
         return JSONResponse({"results": results, "model": self.tag, "request_id": request_id})
 
     async def prepare(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        """Decode and resize one upload plus its drift statistics, in a decode thread (a bounded number at once)."""
-        return await asyncio.get_running_loop().run_in_executor(self.decoders, self._decode, data)
-
-    def _decode(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        start = time.perf_counter()
-        pixels, size = preprocess_bytes(data, self.spec, self.limits)
-        stats = image_stats(pixels, size)
-        metrics.get().preprocess_seconds.observe(time.perf_counter() - start)
-        return pixels, stats
+        """Decode and resize one upload plus its drift statistics, in a decode lane (service/decoding.py)."""
+        return await self.decoder(data)
 
     async def _hop(self, pixels: np.ndarray) -> np.ndarray:
         """One call to the shared model process (raw .npy both ways); its failures become 503/504."""
