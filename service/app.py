@@ -37,7 +37,7 @@ from imgcls.errors import ApiError
 from imgcls.inference_log import PRODUCTION, InferenceLogWriter
 from imgcls.model_files import ModelFiles, ModelFilesError, open_model
 from imgcls.onnx_run import cuda_usable
-from service import metrics, self_test, session
+from service import http_limits, metrics, self_test, session
 from service.answers import Answerer, error_response
 from service.batching import Batcher, in_process
 from service.decoding import Decoder
@@ -54,6 +54,8 @@ try:
     API_KEY = SETTINGS.read_api_key()
 except SettingsError as exc:
     sys.exit(f"imgcls: {exc}")
+# Before this worker's uvicorn loads its configuration (see service/http_limits.py).
+http_limits.install(SETTINGS.max_header_bytes, SETTINGS.max_headers, SETTINGS.header_timeout_s)
 UPLOADS = {
     "/classify": UploadSpec("image", 1, SETTINGS.max_image_bytes, raw_body=True),
     "/classify_batch": UploadSpec("images", SETTINGS.max_files, SETTINGS.max_image_bytes),

@@ -51,6 +51,7 @@ class Settings:
                                    _DECODE.max_decode_pixels)  # fmt: skip
     max_header_bytes: int = _help("largest request line plus headers, answered 431 above", 32 << 10)
     max_headers: int = _help("most header fields per request, answered 431 above", 100)
+    header_timeout_s: float = _help("time a client has to send its request line and headers, answered 408 after", 20.0)
     body_timeout_s: float = _help("time a client has to send its whole request body, answered 408 after", 30.0)
     max_concurrency: int = _help("requests one API worker processes at once before answering 503", 64)
     timeout_s: float = _help("time to process a request once received, answered 504 after", 30.0)
@@ -109,7 +110,7 @@ class Settings:
             raise SettingsError("IMGCLS_MAX_BATCH_SIZE must be at least 2 (or 0 for the device's default).")
         positive = ("max_body_bytes", "max_image_bytes", "max_pixels", "max_decode_pixels", "max_files",
                     "max_latency_ms", "max_concurrency", "decode_threads", "max_header_bytes", "max_headers",
-                    "hop_in_flight", "timeout_s", "body_timeout_s")  # fmt: skip
+                    "hop_in_flight", "timeout_s", "body_timeout_s", "header_timeout_s")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"IMGCLS_{name.upper()} must be positive.")

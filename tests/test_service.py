@@ -7,6 +7,7 @@ import http.client
 import io
 import json
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -254,3 +255,31 @@ def test_every_classified_image_is_logged_within_seconds(server, tiny_model, pho
     assert all(k in record for k in REQUIRED_FIELDS) and record["model"] == tiny_model
     assert len(record["embedding"]) > 0 and record["width"] == 500.0 and record["height"] == 375.0
     assert (record["source"], record["variant"]) == ("production", "int8") and record["ood_score"] >= 0
+
+
+def test_request_heads_are_bounded_in_size_and_fields(server, photo_jpeg):
+    files = {"image": ("a.jpg", photo_jpeg, "image/jpeg")}
+    big = requests.post(server.url + "/classify", files=files, headers={"X-Big": "a" * 40_000}, timeout=30)
+    assert_error(big, 431, "headers_too_large")
+    many = requests.post(
+        server.url + "/classify", files=files, headers={f"X-H{i}": "v" for i in range(150)}, timeout=30
+    )
+    assert_error(many, 431, "too_many_headers")
+    # Bodies far larger than the head limit still pass on a kept-alive connection, request after request.
+    with requests.Session() as session:
+        photo = jpeg(2000, 1500)
+        codes = [session.post(server.url + "/classify", files={"image": ("b.jpg", photo)}, timeout=30).status_code
+                 for _ in range(4)]  # fmt: skip
+    assert codes == [200] * 4 and len(photo) > 64 << 10
+
+
+def test_a_huge_header_is_cut_off_after_the_limit_not_buffered(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nX-Huge: ")
+        with pytest.raises(OSError):  # the server closes the connection: the send fails, reset or broken pipe
+            while sent < 100 << 20:
+                conn.sendall(b"a" * 65536)
+                sent += 65536
+    assert sent < 4 << 20, f"{sent} bytes of one header were accepted"
