@@ -13,6 +13,8 @@ Where a ``POST /classify`` goes, by file:
 - ``service/answers.py``: top-k labels and the unfamiliarity score (``imgcls/ood.py``) answered, counted
   (``service/metrics.py``) and logged (``imgcls/inference_log.py``).
 
+The pages for people (``/info``, ``/docs``) are ``service/pages.py``, mounted beside the API.
+
 Settings are read and resolved once (``service/settings.py``). ``bentoml serve`` and ``bentoml build`` read
 this module through ``bentofile.yaml``.
 """
@@ -24,7 +26,6 @@ import logging
 import os
 import sys
 import time
-import typing as t
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,15 +34,15 @@ import bentoml
 import httpx
 import numpy as np
 from pydantic import BaseModel, Field
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.responses import JSONResponse
 
 from imgcls.errors import ApiError
 from imgcls.imagestats import image_stats
 from imgcls.inference_log import PRODUCTION, InferenceLogWriter
 from imgcls.model_files import ModelFiles, ModelFilesError, open_model
-from imgcls.onnx_run import cuda_usable
+from imgcls.onnx_run import CPU, CUDA, cuda_usable
 from imgcls.preprocess import preprocess_bytes
-from service import metrics, self_test, session
+from service import metrics, pages, self_test, session
 from service.answers import Answerer, error_response
 from service.batching import Batcher, in_process
 from service.middleware import ApiKeyAuth, ConcurrencyLimit, Deadline, ErrorShape, KeepAliveLimit, UploadReceiver
@@ -101,11 +102,6 @@ def open_session(files: ModelFiles, tag: str, strict_device: bool) -> session.Mo
     threads = f" with {PLAN.ort_threads} threads" if model.device == "cpu" else ""
     log.info("serving %s: %s (%s) on %s%s", tag, model.model_file.name, model.variant, model.provider, threads)
     return model
-
-
-async def docs_redirect(scope: dict, receive: t.Any, send: t.Any) -> None:
-    """``/docs``: BentoML serves its OpenAPI page (Swagger UI) at ``/``."""
-    await RedirectResponse("/")(scope, receive, send)
 
 
 class Prediction(BaseModel):
@@ -233,9 +229,12 @@ class ImageClassifier:
         if PLAN.shared_model:
             hop = Batcher(self._hop, PLAN.max_batch_size, SETTINGS.hop_in_flight, wait_s, SETTINGS.retry_after_s)
             self.batcher = hop
+            provider = CUDA if PLAN.device == "cuda" else CPU  # SharedModel starts exactly this one, or stops
         else:
             model = open_session(files, self.tag, strict_device=False)
             self.batcher = Batcher(in_process(model), PLAN.max_batch_size, 1, wait_s, SETTINGS.retry_after_s)
+            provider = model.provider
+        self.info = pages.model_info(self.tag, files, variant, provider, SETTINGS.max_files, SETTINGS.max_image_bytes)
         self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, thread_name_prefix="decode")
         self.serving = False
 
@@ -365,4 +364,24 @@ ImageClassifier.add_asgi_middleware(
     on_change=lambda delta: metrics.get().in_flight.inc(delta),
 )
 ImageClassifier.add_asgi_middleware(Deadline, paths=UPLOADS, timeout_s=SETTINGS.timeout_s)
-ImageClassifier.mount_asgi_app(docs_redirect, path="/docs", name="docs")
+
+
+def worker_model_info() -> pages.ModelInfo | None:
+    """This worker's /info: what its ImageClassifier opened (None before it exists).
+
+    Read from the instance rather than the store: the instance has already checked the files, chosen the
+    variant and started the provider, so /info cannot describe a model or provider other than the one serving.
+    """
+    try:
+        return bentoml.get_current_service().info
+    except bentoml.exceptions.BentoMLException:
+        return None
+
+
+# /info, /docs, /docs.json and / (to /docs). Mounted apps come after the API routes in BentoML's router and
+# match only the paths they declare, so the API routes never run this code.
+ImageClassifier.mount_asgi_app(
+    pages.create_app(worker_model_info, lambda: ImageClassifier.openapi_spec.asdict(), api_key=bool(API_KEY)),
+    path="/",
+    name="pages",
+)
