@@ -71,7 +71,9 @@ class ModelInfo(BaseModel):
     max_image_bytes: int = Field(description="Largest file accepted")
 
 
-def model_info(tag: str, files: ModelFiles, variant: str, provider: str, max_files: int, max_image_bytes: int):
+def model_info(
+    tag: str, files: ModelFiles, variant: str, provider: str, max_files: int, max_image_bytes: int
+) -> ModelInfo:
     """The /info of a served model: what the worker opened, plus the test accuracy stored with the model."""
     try:
         metrics = json.loads((files.folder / METRICS_FILE).read_text())
