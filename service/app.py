@@ -13,7 +13,7 @@ Where a ``POST /classify`` goes, by file:
 - ``service/answers.py``: top-k labels and the unfamiliarity score (``imgcls/ood.py``) answered, counted
   (``service/metrics.py``) and logged (``imgcls/inference_log.py``).
 
-The pages for people (``/info``, ``/docs``) are ``service/pages.py``, mounted beside the API.
+The pages for people (``/ui``, ``/info``, ``/docs``) are ``service/pages.py``, mounted beside the API.
 
 Settings are read and resolved once (``service/settings.py``). ``bentoml serve`` and ``bentoml build`` read
 this module through ``bentofile.yaml``.
@@ -378,7 +378,7 @@ def worker_model_info() -> pages.ModelInfo | None:
         return None
 
 
-# /info, /docs, /docs.json and / (to /docs). Mounted apps come after the API routes in BentoML's router and
+# /ui, /info, /docs, /docs.json and / (to /docs). Mounted apps come after the API routes in BentoML's router and
 # match only the paths they declare, so the API routes never run this code.
 ImageClassifier.mount_asgi_app(
     pages.create_app(worker_model_info, lambda: ImageClassifier.openapi_spec.asdict(), api_key=bool(API_KEY)),

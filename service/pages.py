@@ -1,5 +1,5 @@
-"""The pages for people, served beside the API: ``/info`` about the model a worker serves, and the API
-documentation at ``/docs`` (``/`` leads there).
+"""The pages for people, served beside the API: ``/ui`` to try the model in a browser, ``/info`` about the model
+a worker serves, and the API documentation at ``/docs`` (``/`` leads there).
 
 One Starlette app, mounted at "/" by :mod:`service.app`. BentoML puts mounted apps after its own routes in the
 router, and matches a mounted Starlette app only on the paths it declares, so an API request never reaches this
@@ -123,7 +123,14 @@ def _ours(name: str, media_type: str) -> Asset:
 
 HTML, JS = "text/html; charset=utf-8", "text/javascript; charset=utf-8"
 CSS, SVG = "text/css; charset=utf-8", "image/svg+xml"
-#: Everything /docs serves, by the name in the URL; nothing else can be reached (no path is ever joined).
+#: Everything /ui/ serves, by the name in the URL; nothing else can be reached (no path is ever joined).
+UI_FILES = {
+    "": _ours("index.html", HTML),
+    "app.js": _ours("app.js", JS),
+    "style.css": _ours("style.css", CSS),
+    "favicon.svg": _ours("favicon.svg", SVG),
+}
+#: Everything under /docs/, the same way.
 DOCS_FILES = {
     "": _ours("docs.html", HTML),
     "docs.js": _ours("docs.js", JS),
@@ -171,12 +178,15 @@ def create_app(info: Callable[[], ModelInfo | None], bentoml_spec: Callable[[], 
         headers = {"Cache-Control": REVALIDATE, **SECURITY_HEADERS}
         return Response(spec_json(), media_type="application/json", headers=headers)
 
-    docs = _files(DOCS_FILES, "/docs")
+    ui, docs = _files(UI_FILES, "/ui/"), _files(DOCS_FILES, "/docs")
     routes = [
         Route("/", _redirect("docs"), methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
         Route("/docs/{name}", docs, methods=["GET"]),
         Route("/docs.json", spec_endpoint, methods=["GET"]),
         Route("/info", info_endpoint, methods=["GET"]),
+        Route("/ui", _redirect("ui/"), methods=["GET"]),
+        Route("/ui/", ui, methods=["GET"]),
+        Route("/ui/{name}", ui, methods=["GET"]),
     ]
     return Starlette(routes=routes)

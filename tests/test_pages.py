@@ -56,6 +56,10 @@ def app():
 
 def test_the_page_and_its_files_have_their_types_and_a_strict_policy(app):
     expected = {
+        "/ui/": "text/html",
+        "/ui/app.js": "text/javascript",
+        "/ui/style.css": "text/css",
+        "/ui/favicon.svg": "image/svg+xml",
         "/docs": "text/html",
         "/docs/docs.js": "text/javascript",
         "/docs/swagger-ui-bundle.js": "text/javascript",
@@ -74,10 +78,12 @@ def test_the_page_and_its_files_have_their_types_and_a_strict_policy(app):
 
 def test_only_the_fixed_files_are_served(app):
     for path in (
-        "/docs/../service/pages.py",
-        "/docs/%2e%2e/pages.py",
-        "/docs/docs.html",
-        "/docs/api_docs.py",
+        "/ui/../service/pages.py",
+        "/ui/%2e%2e/pages.py",
+        "/ui/..%2fpages.py",
+        "/ui/index.html",
+        "/ui/api_docs.py",
+        "/ui/.%2fapp.js",
         "/docs/..%2f..%2fpages.py",
         "/docs/static_content",
     ):
@@ -87,8 +93,8 @@ def test_only_the_fixed_files_are_served(app):
 
 
 def test_a_browser_that_has_a_file_gets_304_and_a_large_one_comes_gzipped(app):
-    first = get(app, "/docs/docs.js")
-    again = get(app, "/docs/docs.js", **{"If-None-Match": first.headers["etag"]})
+    first = get(app, "/ui/app.js")
+    again = get(app, "/ui/app.js", **{"If-None-Match": first.headers["etag"]})
     assert again.status_code == 304 and again.content == b""
     bundle = get(app, "/docs/swagger-ui-bundle.js", **{"Accept-Encoding": "gzip"})
     assert bundle.headers["content-encoding"] == "gzip" and "SwaggerUIBundle" in bundle.text  # httpx unpacks it
@@ -99,8 +105,9 @@ def test_info_and_redirects(app):
     assert get(app, "/info").json() == INFO.model_dump()
     starting = get(pages.create_app(lambda: None, lambda: BENTOML_SPEC, api_key=False), "/info")
     assert starting.status_code == 503 and starting.json()["error"] == "starting"
-    resp = get(app, "/")
-    assert resp.status_code == 307 and resp.headers["location"] == "docs"
+    for path, to in (("/", "docs"), ("/ui", "ui/")):
+        resp = get(app, path)
+        assert resp.status_code == 307 and resp.headers["location"] == to
 
 
 def test_the_pages_never_claim_an_api_or_probe_path(app):
@@ -112,12 +119,16 @@ def test_the_pages_never_claim_an_api_or_probe_path(app):
 
 
 def test_our_html_loads_only_our_own_files_and_has_nothing_inline():
-    for name in ("docs.html",):
+    for name in ("index.html", "docs.html"):
         html = (pages.UI_DIR / name).read_text()
         for ref in re.findall(r'(?:src|href)="([^"]*)"', html):
             assert "//" not in ref and not ref.startswith(("http", "data:", "javascript:")), (name, ref)
         assert not re.search(r"<script(?![^>]*\bsrc=)", html), f"{name}: an inline script breaks the CSP"
         assert "<style" not in html and " style=" not in html, f"{name}: inline style breaks the CSP"
+    assert (
+        '<input id="camera" class="hidden-input" type="file" accept="image/*" capture'
+        in (pages.UI_DIR / "index.html").read_text()
+    )
 
 
 def test_the_spec_has_our_title_version_and_real_errors():

@@ -252,7 +252,10 @@ def test_info_describes_the_model_served(server, tiny_model):
         "max_files": 64,
         "max_image_bytes": 10 << 20,
     }
-    missing = requests.get(server.url + "/docs/secrets.txt", timeout=10)
+    page = requests.get(server.url + "/ui", timeout=10)
+    assert page.url == server.url + "/ui/" and '<script src="app.js"' in page.text
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    missing = requests.get(server.url + "/ui/secrets.txt", timeout=10)
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
 
 
