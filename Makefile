@@ -21,10 +21,13 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed ## create .venv and install the project with training, load-test, drift and dev extras
 
-system-deps: ## install Debian's prometheus (with promtool) and prometheus-pushgateway, if missing
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v prometheus-pushgateway >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	      prometheus prometheus-pushgateway >/dev/null; }
+system-deps: ## install Debian's prometheus (with promtool), prometheus-pushgateway and chromium (browser test), if missing
+	@missing=""; \
+	  command -v promtool >/dev/null && command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	  command -v prometheus-pushgateway >/dev/null || missing="$$missing prometheus-pushgateway"; \
+	  command -v chromium >/dev/null || missing="$$missing chromium fonts-dejavu-core"; \
+	  [ -z "$$missing" ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $$missing >/dev/null; }
 
 train: setup ## generate the demo data, train, export fp32/fp16/int8 and save to the BentoML model store
 	$(PY) -m training --demo

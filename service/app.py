@@ -13,6 +13,8 @@ Where a ``POST /classify`` goes, by file:
 - ``service/answers.py``: top-k labels and the unfamiliarity score (``imgcls/ood.py``) answered, counted
   (``service/metrics.py``) and logged (``imgcls/inference_log.py``).
 
+The pages for people (``/ui``, ``/info``, ``/docs``) are ``service/pages.py``, mounted beside the API.
+
 Settings are read and resolved once (``service/settings.py``). ``bentoml serve`` and ``bentoml build`` read
 this module through ``bentofile.yaml``.
 """
@@ -23,7 +25,6 @@ import asyncio
 import logging
 import os
 import sys
-import typing as t
 import uuid
 
 import aiohttp
@@ -31,13 +32,13 @@ import bentoml
 import httpx
 import numpy as np
 from pydantic import BaseModel, Field
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.responses import JSONResponse
 
 from imgcls.errors import ApiError
 from imgcls.inference_log import PRODUCTION, InferenceLogWriter
 from imgcls.model_files import ModelFiles, ModelFilesError, open_model
-from imgcls.onnx_run import cuda_usable
-from service import http_limits, metrics, self_test, session
+from imgcls.onnx_run import CPU, CUDA, cuda_usable
+from service import http_limits, metrics, pages, self_test, session
 from service.answers import Answerer, error_response
 from service.batching import Batcher, in_process
 from service.decoding import Decoder
@@ -100,11 +101,6 @@ def open_session(files: ModelFiles, tag: str, strict_device: bool) -> session.Mo
     threads = f" with {PLAN.ort_threads} threads" if model.device == "cpu" else ""
     log.info("serving %s: %s (%s) on %s%s", tag, model.model_file.name, model.variant, model.provider, threads)
     return model
-
-
-async def docs_redirect(scope: dict, receive: t.Any, send: t.Any) -> None:
-    """``/docs``: BentoML serves its OpenAPI page (Swagger UI) at ``/``."""
-    await RedirectResponse("/")(scope, receive, send)
 
 
 class Prediction(BaseModel):
@@ -214,7 +210,6 @@ class ImageClassifier:
         stored = stored_model(self.model_ref.tag)
         self.tag = str(stored.tag)
         files = open_model(stored.path)
-        variant = session.choose_variant(SETTINGS.variant, PLAN.device, files.variants)
         recorded = metrics.get()
         self.inference_log = InferenceLogWriter(
             SETTINGS.inference_log_dir,
@@ -226,14 +221,19 @@ class ImageClassifier:
             on_drop=recorded.log_dropped.inc,
         )
         log.info("inference log: %s", self.inference_log.folder)
-        self.answerer = Answerer(self.tag, variant, files.labels, files.detectors[variant], self.inference_log)
         wait_s = SETTINGS.max_latency_ms / 1000
-        if PLAN.shared_model:
-            hop = Batcher(self._hop, PLAN.max_batch_size, SETTINGS.hop_in_flight, wait_s, SETTINGS.retry_after_s)
-            self.batcher = hop
-        else:
+        if PLAN.shared_model:  # SharedModel starts exactly this variant and provider, or stops
+            variant = session.choose_variant(SETTINGS.variant, PLAN.device, files.variants)
+            provider = CUDA if PLAN.device == "cuda" else CPU
+            self.batcher = Batcher(
+                self._hop, PLAN.max_batch_size, SETTINGS.hop_in_flight, wait_s, SETTINGS.retry_after_s
+            )
+        else:  # what the session runs: a CUDA provider that did not start fell back to the CPU and its variant
             model = open_session(files, self.tag, strict_device=False)
+            variant, provider = model.variant, model.provider
             self.batcher = Batcher(in_process(model), PLAN.max_batch_size, 1, wait_s, SETTINGS.retry_after_s)
+        self.answerer = Answerer(self.tag, variant, files.labels, files.detectors[variant], self.inference_log)
+        self.info = pages.model_info(self.tag, files, variant, provider, SETTINGS.max_files, SETTINGS.max_image_bytes)
         self.decoder = Decoder(files.spec, SETTINGS.decode_limits, SETTINGS.decode_threads)
         self.serving = False
 
@@ -356,4 +356,24 @@ ImageClassifier.add_asgi_middleware(
     on_change=lambda delta: metrics.get().in_flight.inc(delta),
 )
 ImageClassifier.add_asgi_middleware(Deadline, paths=UPLOADS, timeout_s=SETTINGS.timeout_s)
-ImageClassifier.mount_asgi_app(docs_redirect, path="/docs", name="docs")
+
+
+def worker_model_info() -> pages.ModelInfo | None:
+    """This worker's /info: what its ImageClassifier opened (None before it exists).
+
+    Read from the instance rather than the store: the instance has already checked the files, chosen the
+    variant and started the provider, so /info cannot describe a model or provider other than the one serving.
+    """
+    try:
+        return bentoml.get_current_service().info
+    except bentoml.exceptions.BentoMLException:
+        return None
+
+
+# /ui, /info, /docs, /docs.json and / (to /docs). Mounted apps come after the API routes in BentoML's router and
+# match only the paths they declare, so the API routes never run this code.
+ImageClassifier.mount_asgi_app(
+    pages.create_app(worker_model_info, lambda: ImageClassifier.openapi_spec.asdict(), api_key=bool(API_KEY)),
+    path="/",
+    name="pages",
+)

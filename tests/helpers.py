@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import requests
@@ -126,9 +128,22 @@ def total(values: dict, name: str, **labels) -> float:
     return sum(v for (n, lbls), v in values.items() if n == name and all((k, v2) in lbls for k, v2 in labels.items()))
 
 
+@functools.cache
+def documented_errors(base_url: str, path: str) -> dict[str, str]:
+    """The error responses the server's ``/docs.json`` documents for POST ``path``: status -> description."""
+    spec = requests.get(base_url + "/docs.json", timeout=10).json()
+    responses = spec["paths"][path]["post"]["responses"]
+    return {status: r["description"] for status, r in responses.items() if status != "200"}
+
+
 def assert_error(resp: requests.Response, status: int, code: str) -> None:
-    """``resp`` is the one error shape with this status and code, and a detail that says something."""
+    """``resp`` is the one error shape with this status and code, and a detail that says something; for the API
+    routes, /docs.json lists that code under that status."""
     assert resp.status_code == status, resp.text
     body = resp.json()
     assert body["error"] == code, body
     assert isinstance(body["detail"], str) and len(body["detail"]) > 10
+    url = urlsplit(resp.url)
+    if url.path in ("/classify", "/classify_batch"):
+        documented = documented_errors(f"{url.scheme}://{url.netloc}", url.path).get(str(status), "")
+        assert f"`{code}`" in documented, f"/docs.json does not document {status} {code} for {url.path}"

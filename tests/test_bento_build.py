@@ -11,6 +11,7 @@ import requests
 import yaml
 from PIL import Image
 
+from imgcls import __version__
 from imgcls.inference_log import log_files, parse_line
 from tests.helpers import ROOT, start_server
 
@@ -43,6 +44,12 @@ def test_built_bento_serves_classify_and_flushes_its_log_on_shutdown(tiny_model,
         assert resp.status_code == 200, resp.text
         assert resp.json()["model"] == tiny_model
         assert "shared_model" in srv.output()  # the model ran in its own service
+        # The Bento packs the pages, and /info names the model process's provider and the project's version.
+        info = requests.get(srv.url + "/info", timeout=10).json()
+        assert info["model"] == tiny_model and info["provider"] == "CPUExecutionProvider"
+        assert info["version"] == __version__
+        assert requests.get(srv.url + "/ui/app.js", timeout=10).status_code == 200
+        assert requests.get(srv.url + "/docs.json", timeout=10).json()["info"]["version"] == __version__
     finally:
         srv.stop()  # graceful: the service's shutdown hook flushes the inference log
     logged = [parse_line(line) for path in log_files(srv.log_dir) for line in path.read_bytes().splitlines()]

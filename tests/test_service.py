@@ -6,6 +6,7 @@ import functools
 import http.client
 import io
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -17,7 +18,9 @@ import pytest
 import requests
 from PIL import Image
 
+from imgcls import __version__
 from imgcls.inference_log import REQUIRED_FIELDS, log_files, parse_line
+from imgcls.model_files import open_model
 from tests.helpers import (
     assert_error,
     classify,
@@ -202,13 +205,59 @@ def test_sync_http_client_works(server, tiny_model, photo_jpeg, tmp_path):
     assert [r["label"] for r in batch["results"]] == [result["label"]] * 2
 
 
-def test_probes_and_openapi_page(server):
+def test_probes(server):
     assert requests.get(server.url + "/livez", timeout=10).status_code == 200
     assert requests.get(server.url + "/readyz", timeout=10).status_code == 200
+
+
+def test_docs_are_this_projects_and_load_nothing_from_other_hosts(server):
+    root = requests.get(server.url + "/", timeout=10)
+    assert root.url == server.url + "/docs" and root.history[0].status_code == 307
+    for path in ("/", "/docs", "/docs.json", "/docs/docs.js"):
+        text = requests.get(server.url + path, timeout=10).text
+        assert "googletagmanager" not in text.lower(), path
+        assert not re.search(r"<script[^>]*\bsrc=[\"']?(https?:)?//", text, re.IGNORECASE), path
+    page = requests.get(server.url + "/docs", timeout=10)
+    assert "docs/swagger-ui-bundle.js" in page.text and page.headers["content-security-policy"].startswith(
+        "default-src 'self'"
+    )
+    assert requests.get(server.url + "/docs/swagger-ui-bundle.js", timeout=10).status_code == 200
+
     spec = requests.get(server.url + "/docs.json", timeout=10).json()
-    assert "/classify" in spec["paths"] and "/classify_batch" in spec["paths"]
-    docs = requests.get(server.url + "/docs", timeout=10)
-    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert spec["info"]["title"] == "Image classifier" and spec["info"]["version"] == __version__
+    assert "POST /classify" in spec["info"]["description"] and "BentoML" not in spec["info"]["description"]
+    assert "/classify" in spec["paths"] and "/classify_batch" in spec["paths"] and "/info" in spec["paths"]
+    error = {"$ref": "#/components/schemas/Error"}
+    for status in ("400", "405", "413", "415", "503", "504"):
+        assert spec["paths"]["/classify"]["post"]["responses"][status]["content"]["application/json"]["schema"] == error
+    assert spec["components"]["schemas"]["Error"]["required"] == ["error", "detail"]
+    assert_error(requests.get(server.url + "/classify", timeout=10), 405, "method_not_allowed")
+
+
+def test_info_describes_the_model_served(server, tiny_model):
+    import bentoml
+
+    info = requests.get(server.url + "/info", timeout=10).json()
+    files = open_model(bentoml.models.get(tiny_model).path)
+    metrics = json.loads((files.folder / "metrics.json").read_text())
+    assert info == {
+        "model": tiny_model,
+        "version": __version__,
+        "labels": files.labels,
+        "input_size": files.spec.size,
+        "variant": "int8",
+        "provider": "CPUExecutionProvider",
+        "accuracy": metrics["accuracy"]["int8"],
+        "test_images": metrics["test_images"],
+        "unfamiliar_threshold": pytest.approx(files.detectors["int8"].threshold, abs=1e-4),
+        "max_files": 64,
+        "max_image_bytes": 10 << 20,
+    }
+    page = requests.get(server.url + "/ui", timeout=10)
+    assert page.url == server.url + "/ui/" and '<script src="app.js"' in page.text
+    assert page.headers["content-security-policy"].startswith("default-src 'self'")
+    missing = requests.get(server.url + "/ui/secrets.txt", timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
 
 
 def test_metrics_move_and_pass_promtool(server, photo_jpeg):
