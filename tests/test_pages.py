@@ -23,7 +23,7 @@ INFO = pages.ModelInfo(
     provider="CPUExecutionProvider",
     accuracy=0.9,
     test_images=100,
-    unfamiliar_threshold=7.5,
+    unfamiliar_threshold=1.0,
     max_files=64,
     max_image_bytes=1 << 20,
 )

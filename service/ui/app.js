@@ -103,10 +103,10 @@ function showResult(card, result) {
   card.classList.add("done");
   if (result.unfamiliar) {
     const notice = $(".notice", card);
-    const threshold = state.info ? ` (threshold ${state.info.unfamiliar_threshold.toFixed(1)})` : "";
+    const threshold = state.info ? ` (above ${state.info.unfamiliar_threshold.toFixed(1)} is unfamiliar)` : "";
     notice.textContent =
       "This image is unlike anything the model was trained on: the labels below are a guess. " +
-      `Unfamiliarity ${result.ood_score.toFixed(1)}${threshold}.`;
+      `Unfamiliarity ${result.ood_score.toFixed(2)}${threshold}.`;
     notice.hidden = false;
     card.classList.add("unfamiliar");
   }
