@@ -38,7 +38,7 @@ from imgcls.errors import ApiError
 from imgcls.inference_log import PRODUCTION, InferenceLogWriter
 from imgcls.model_files import ModelFiles, ModelFilesError, open_model
 from imgcls.onnx_run import CPU, CUDA, cuda_usable
-from service import http_limits, metrics, pages, self_test, session
+from service import http_protocol, metrics, pages, self_test, session, supervision
 from service.answers import Answerer, error_response
 from service.batching import Batcher, in_process
 from service.decoding import Decoder
@@ -55,8 +55,8 @@ try:
     API_KEY = SETTINGS.read_api_key()
 except SettingsError as exc:
     sys.exit(f"imgcls: {exc}")
-# Before this worker's uvicorn loads its configuration (see service/http_limits.py).
-http_limits.install(SETTINGS.max_header_bytes, SETTINGS.max_headers, SETTINGS.header_timeout_s)
+# Before this worker's uvicorn loads its configuration (see service/http_protocol.py).
+http_protocol.install(SETTINGS.max_header_bytes, SETTINGS.max_headers, SETTINGS.header_timeout_s)
 UPLOADS = {
     "/classify": UploadSpec("image", 1, SETTINGS.max_image_bytes, raw_body=True),
     "/classify_batch": UploadSpec("images", SETTINGS.max_files, SETTINGS.max_image_bytes),
@@ -67,6 +67,9 @@ PROTECTED = [*UPLOADS, "/info", "/ui/", *(["/metrics"] if SETTINGS.protect_metri
 TRACING = {} if SETTINGS.tracing else {"tracing": {"excluded_urls": list(UPLOADS)}}
 # BentoML's request-duration histogram, with edges around the 200 ms p99 objective the alerts and load tests use
 # (its default buckets jump from 100 to 250 ms).
+#: The shared model process stops this much later than the API workers, which may still send it requests while
+#: they finish theirs.
+SHARED_MODEL_EXTRA_DRAIN_S = 5.0
 REQUEST_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
@@ -155,6 +158,7 @@ class SharedModel:
 
     def __init__(self) -> None:
         show_info_logs()
+        supervision.exit_with_supervisor()
         self.batcher: Batcher | None = None
         if not PLAN.shared_model:
             log.info("idle: IMGCLS_PLACEMENT=%s runs the model in the API workers", SETTINGS.placement)
@@ -164,6 +168,12 @@ class SharedModel:
         self.batcher = Batcher(
             in_process(model), PLAN.max_batch_size, max_wait_s=SETTINGS.max_latency_ms / 1000, retry_after_s=1
         )
+
+    @bentoml.on_startup
+    async def drain_on_stop(self) -> None:
+        """Keep answering the API workers while they finish their own requests after SIGTERM."""
+        if self.batcher is not None:
+            supervision.drain_before_exit(SETTINGS.drain_s + SHARED_MODEL_EXTRA_DRAIN_S, lambda: None)
 
     @bentoml.api(input_spec=NpyArray, output_spec=NpyArray)
     async def infer(self, pixels: np.ndarray) -> np.ndarray:
@@ -207,6 +217,7 @@ class ImageClassifier:
 
     def __init__(self) -> None:
         show_info_logs()
+        supervision.exit_with_supervisor()
         stored = stored_model(self.model_ref.tag)
         self.tag = str(stored.tag)
         files = open_model(stored.path)
@@ -241,25 +252,30 @@ class ImageClassifier:
     async def start_self_test(self) -> None:
         """Readiness means one real image went the whole way: decode, preprocess, model, answer."""
         self._self_test = asyncio.get_running_loop().create_task(self._run_self_test())
+        supervision.drain_before_exit(SETTINGS.drain_s, self._stop_serving)
+
+    def _stop_serving(self) -> None:
+        self.serving = False
+        metrics.get().ready.set(0)
 
     async def _run_self_test(self) -> None:
         try:
             await self_test.classify_test_image(self)
-        except Exception as exc:
-            log.error("cannot serve: the start-up self-test failed: %s", exc)
-            raise
+        except Exception as exc:  # a worker that cannot classify must not sit behind an open port
+            log.error("imgcls: cannot serve: the start-up self-test failed (%s); stopping the server", exc)
+            supervision.stop_server()
+            return
         self.serving = True
         metrics.get().ready.set(1)
         log.info("self-test passed: ready")
 
-    def __is_ready__(self) -> bool:
+    async def __is_ready__(self) -> bool:
         return self.serving
 
     @bentoml.on_shutdown
     def close(self) -> None:
-        """Report not ready, then flush the inference log (graceful shutdown)."""
-        self.serving = False
-        metrics.get().ready.set(0)
+        """Last step of a graceful stop, after the requests in flight: flush the inference log."""
+        self._stop_serving()
         self.inference_log.close()
         self.decoder.close()
 

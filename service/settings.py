@@ -55,6 +55,7 @@ class Settings:
     body_timeout_s: float = _help("time a client has to send its whole request body, answered 408 after", 30.0)
     max_concurrency: int = _help("requests one API worker processes at once before answering 503", 64)
     timeout_s: float = _help("time to process a request once received, answered 504 after", 30.0)
+    drain_s: float = _help("on SIGTERM: seconds reporting not ready while still serving, before stopping", 2.0)
     retry_after_s: int = _help("the Retry-After of a 503", 1)
     keepalive_requests: int = _help("requests per connection, then it is closed (spreads them); 0: no limit", 100)
     api_key: str = _help("when set, /classify, /classify_batch, /info and /ui need it (Bearer, X-API-Key or Basic)", "")
@@ -114,7 +115,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"IMGCLS_{name.upper()} must be positive.")
-        non_negative = ("keepalive_requests", "workers", "ort_threads", "log_max_total_bytes", "log_max_age_days")
+        non_negative = ("keepalive_requests", "workers", "ort_threads", "log_max_total_bytes", "log_max_age_days",
+                        "drain_s")  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"IMGCLS_{name.upper()} must be 0 or positive.")

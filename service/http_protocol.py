@@ -1,9 +1,12 @@
-"""Limits on a request's head (request line plus headers): size, count of fields and time to arrive.
+"""The HTTP connection protocol: limits on each request's head, and no reset connections at shutdown.
 
-uvicorn's httptools protocol has none: a client may send 100 MB of headers, which the parser buffers, or
-trickle them for ever. :class:`LimitedHttpToolsProtocol` counts the bytes of each request's head as they
-arrive and answers 431 (too large, too many fields) or 408 (too slow) with the service's JSON error, then
-closes the connection, before any of it reaches the application.
+- **Heads**: uvicorn's httptools protocol bounds nothing: a client may send 100 MB of headers, which the parser
+  buffers, or trickle them for ever. :class:`LimitedHttpToolsProtocol` counts the bytes of each request's head
+  as they arrive and answers 431 (too large, too many fields) or 408 (too slow) with the service's JSON error,
+  then closes the connection, before any of it reaches the application.
+- **Shutdown**: uvicorn closes idle keep-alive connections at once when it stops, and a client whose next
+  request was already on its way got a reset. Here an idle connection is given ``IDLE_GRACE_S`` to bring that
+  request, which is served with ``Connection: close``.
 
 BentoML builds each worker's ``uvicorn.Config`` itself and offers no way to choose the protocol class, so
 :func:`install` points uvicorn's "auto" HTTP protocol at this one; it must run when the service module is
@@ -22,10 +25,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from service import metrics
 
 HEAD_END = b"\r\n\r\n"
+#: At shutdown, how long an idle keep-alive connection may take to bring a request its client already sent.
+IDLE_GRACE_S = 0.5
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with bounds on each request head (set by :func:`install`)."""
+    """uvicorn's httptools protocol with bounds on each request head (set by :func:`install`) and a graceful
+    shutdown of idle connections."""
 
     max_head_bytes: t.ClassVar[int] = 32 << 10
     max_headers: t.ClassVar[int] = 100
@@ -39,6 +45,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._expect_head, self._head_bytes, self._head_tail, self._fields = True, 0, b"", 0
         self._refusal: tuple[int, str, str] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._shutting_down = False
 
     def connection_made(self, transport: t.Any) -> None:
         super().connection_made(transport)
@@ -93,6 +100,27 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._expect_head, self._head_bytes, self._head_tail = False, 0, b""
         self._stop_head_timer()
         super().on_headers_complete()
+        if self._shutting_down and self.cycle is not None:
+            self.cycle.keep_alive = False  # the last request on this connection: answered with Connection: close
+
+    def shutdown(self) -> None:
+        """The server stops: finish the request in flight, or serve the one an idle connection is bringing."""
+        self._shutting_down = True
+        if self.cycle is None or self.cycle.response_complete:
+            self.loop.call_later(IDLE_GRACE_S, self._close_if_idle)
+        elif not self.cycle.response_started:
+            self.cycle.keep_alive = False  # its response will say Connection: close
+        # else its response went out without Connection: close, so the client may send another request on this
+        # connection: it stays open after the response for the same grace as an idle one (on_response_complete).
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._shutting_down and not self.transport.is_closing():
+            self.loop.call_later(IDLE_GRACE_S, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+            self.transport.close()
 
     def on_message_complete(self) -> None:
         self._expect_head = True
