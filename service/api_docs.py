@@ -179,6 +179,7 @@ def complete(spec: dict, version: str, info_model: type[BaseModel], api_key: boo
         if path == "/classify_batch":
             ok["description"] = BATCH_OK
         operation["responses"] = {"200": ok, **{str(s): error_response(s) for s in errors}}
+        operation.setdefault("requestBody", {})["required"] = True  # an upload without a body is refused (400)
         if api_key:
             operation["security"] = SECURITY
     spec.pop("servers", None)  # BentoML's "." only adds a server menu; without it, the page's own host is used

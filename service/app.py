@@ -55,6 +55,8 @@ try:
     API_KEY = SETTINGS.read_api_key()
 except SettingsError as exc:
     sys.exit(f"imgcls: {exc}")
+if not supervision.in_worker():  # where bentoml serve imports this module, before it builds its supervisor
+    supervision.protect_control_socket()
 # Before this worker's uvicorn loads its configuration (see service/http_protocol.py).
 http_protocol.install(SETTINGS.max_header_bytes, SETTINGS.max_headers, SETTINGS.header_timeout_s)
 UPLOADS = {
@@ -202,11 +204,14 @@ class ImageClassifier:
 
     @bentoml.on_deployment
     def check_model() -> None:
-        """Once, before any worker starts: pin ``:latest`` to one version and refuse a model that cannot be served.
+        """Once, in the supervisor, before any worker starts: pin ``:latest`` to one version and refuse a model that
+        cannot be served.
 
-        The workers inherit the pinned tag, so a model saved while they start cannot split them across versions.
+        The workers inherit the pinned tag (and the supervisor's pid, service/supervision.py), so a model saved
+        while they start cannot split them across versions.
         """
         show_info_logs()
+        supervision.become_supervisor()
         try:
             stored = stored_model(SETTINGS.model)
             os.environ["IMGCLS_MODEL"] = str(stored.tag)
@@ -262,8 +267,8 @@ class ImageClassifier:
         try:
             await self_test.classify_test_image(self)
         except Exception as exc:  # a worker that cannot classify must not sit behind an open port
-            log.error("imgcls: cannot serve: the start-up self-test failed (%s); stopping the server", exc)
-            supervision.stop_server()
+            log.error("the start-up self-test failed (%s); stopping the server", exc)
+            supervision.stop_server(f"the start-up self-test failed: {exc}")
             return
         self.serving = True
         metrics.get().ready.set(1)

@@ -2,42 +2,70 @@
 
 The header is read on the event loop (microseconds: nothing is decoded) and tells what the decode will cost:
 the pixels it must produce (JPEG at a reduced scale). Ordinary images go to the fast lane, ``threads`` decodes
-at a time. An image over ``costly_pixels`` goes to the costly lane: one decode at a time per worker, in a
-thread at a lower CPU priority (nice +10), so it runs on what ordinary requests leave free instead of taking
-their share. Each lane bounds the decoded images held in memory at once.
+at a time in this process. An image over ``costly_pixels`` goes to the costly lane: one decode at a time per
+worker, in a process of its own that Linux runs only on CPU time nothing else wants (SCHED_IDLE), and while
+ordinary images are being decoded too, the lane rests after each costly decode nine times as long as the decode
+took: a tenth of a core per worker. Priority alone was not enough, as a costly decode floods the caches
+ordinary requests run in and, on virtual CPUs that are hyperthreads of one core, its execution units (a normal
+client kept 73-89% of its throughput beside four clients of costly images, with a quarter of a core). A
+process, not a thread: a low-priority thread holding the interpreter's lock while it waits for the CPU stalls
+the event loop behind it. Each lane bounds the decoded images held in memory at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
 from imgcls.imagestats import image_stats
-from imgcls.preprocess import DecodeLimits, PreprocessSpec, open_image, plan_decode, resize, to_rgb, upright_size
-from service import metrics
+from imgcls.preprocess import (
+    DecodeLimits,
+    PreprocessSpec,
+    open_image,
+    plan_decode,
+    preprocess_bytes,
+    resize,
+    to_rgb,
+    upright_size,
+)
+from service import metrics, supervision
 
 log = logging.getLogger(__name__)
 
+#: The share of one core the costly lane may use while ordinary images are decoded too.
+COSTLY_CPU_SHARE = 0.1
+#: Ordinary traffic is "there" when an ordinary image was decoded within this many seconds.
+RECENT_S = 1.0
 #: Decodes producing more pixels than this take the costly lane: a 12 MP phone JPEG decodes at 1/8 scale
 #: (0.2 MP) and a 1024x768 WebP in full (0.8 MP); a 4000x4000 PNG (16 MP) takes about 0.25 s of CPU.
 COSTLY_PIXELS = 4_000_000
-#: How much lower the costly lane's priority is (Linux nice).
-COSTLY_NICENESS = 10
 
 
-def _lower_priority() -> None:
-    """Run this thread at a lower CPU priority (Linux schedules threads one by one; elsewhere: no change)."""
+def _start_costly_lane() -> None:
+    """In the costly lane's process: die with the worker, and run only on CPU time nothing else wants (Linux's
+    SCHED_IDLE policy, else nice 19)."""
+    supervision.exit_with_supervisor(parent=os.getppid())
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COSTLY_NICENESS)
-    except (AttributeError, OSError) as exc:
-        log.warning("could not lower the costly decode lane's priority: %s", exc)
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.nice(19)
+        except OSError as exc:
+            log.warning("could not lower the costly decode lane's priority: %s", exc)
+
+
+def decode(data: bytes, spec: PreprocessSpec, limits: DecodeLimits) -> tuple[np.ndarray, dict[str, float], float]:
+    """The model input and statistics of one upload, and the CPU seconds they took (the costly lane's job)."""
+    started = time.process_time()
+    pixels, size = preprocess_bytes(data, spec, limits)
+    return pixels, image_stats(pixels, size), time.process_time() - started
 
 
 class Decoder:
@@ -46,15 +74,27 @@ class Decoder:
     def __init__(self, spec: PreprocessSpec, limits: DecodeLimits, threads: int, costly_pixels: int = COSTLY_PIXELS):
         self.spec, self.limits, self.costly_pixels = spec, limits, costly_pixels
         self.fast = ThreadPoolExecutor(threads, thread_name_prefix="decode")
-        self.costly = ThreadPoolExecutor(1, thread_name_prefix="decode-costly", initializer=_lower_priority)
+        # spawn, not fork: this worker runs threads (onnxruntime's, the log writer's) that a fork would copy mid-step
+        self.costly = ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_costly_lane
+        )
+        self._costly_turn = asyncio.Lock()
+        self._last_ordinary = float("-inf")
 
     async def __call__(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
         start = time.perf_counter()
         img = open_image(data, self.limits)
         size = upright_size(img)  # before draft shrinks img.size
-        pixels = plan_decode(img, self.spec, self.limits)
-        lane = self.costly if pixels > self.costly_pixels else self.fast
-        decoded = await asyncio.get_running_loop().run_in_executor(lane, self._decode, img, size)
+        loop = asyncio.get_running_loop()
+        if plan_decode(img, self.spec, self.limits) > self.costly_pixels:
+            async with self._costly_turn:
+                pixels, stats, cpu = await loop.run_in_executor(self.costly, decode, data, self.spec, self.limits)
+                decoded = pixels, stats
+                if time.monotonic() - self._last_ordinary < RECENT_S:
+                    await asyncio.sleep(cpu * (1 / COSTLY_CPU_SHARE - 1))
+        else:
+            self._last_ordinary = time.monotonic()
+            decoded = await loop.run_in_executor(self.fast, self._decode, img, size)
         metrics.get().preprocess_seconds.observe(time.perf_counter() - start)
         return decoded
 
@@ -64,4 +104,4 @@ class Decoder:
 
     def close(self) -> None:
         self.fast.shutdown(wait=False)
-        self.costly.shutdown(wait=False)
+        self.costly.shutdown(wait=False, cancel_futures=True)

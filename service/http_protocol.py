@@ -83,8 +83,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            super().data_received(b"")  # uvicorn refuses or upgrades as it would
+        except httptools.HttpParserUpgrade:  # as uvicorn's own data_received handles it
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
         except httptools.HttpParserError:
             if self._refusal is not None:
                 return self._refuse(*self._refusal)

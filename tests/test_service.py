@@ -332,3 +332,14 @@ def test_a_huge_header_is_cut_off_after_the_limit_not_buffered(server):
                 conn.sendall(b"a" * 65536)
                 sent += 65536
     assert sent < 4 << 20, f"{sent} bytes of one header were accepted"
+
+
+def test_a_websocket_upgrade_gets_an_answer_not_a_hung_connection(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(
+            b"GET /classify HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        reply = conn.recv(4096)  # the timeout above fails the test if nothing comes
+    assert reply.startswith(b"HTTP/1.1 ")
