@@ -38,9 +38,10 @@ demo: train ## set up, train on the demo data, store, then serve on port 3000 (o
 serve: setup ## serve the latest stored model on port 3000 (or $BENTOML_PORT), no retraining
 	$(BIN)/bentoml serve . --host $(HOST) --port $(PORT)
 
-test: setup system-deps ## set up and run every test (GPU tests skip without a GPU)
+test: setup system-deps ## set up and run every test, the container's too (GPU tests skip without a GPU)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@if [ "$$(id -u)" = 0 ]; then bash container/base.sh; else echo "not root: the container tests will skip"; fi
 	$(BIN)/pytest
 
 monitor: setup system-deps ## Prometheus (rules, :9090) watching the service on :3000 ($BENTOML_PORT) and the drift Pushgateway
