@@ -11,7 +11,7 @@ HOST ?= 127.0.0.1
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,13 +38,33 @@ demo: train ## set up, train on the demo data, store, then serve on port 3000 (o
 serve: setup ## serve the latest stored model on port 3000 (or $BENTOML_PORT), no retraining
 	$(BIN)/bentoml serve . --host $(HOST) --port $(PORT)
 
-test: setup system-deps ## set up and run every test (GPU tests skip without a GPU)
+test: setup system-deps ## set up and run every test, the container's too (GPU tests skip without a GPU)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	@if [ "$$(id -u)" = 0 ]; then bash container/base.sh; else echo "not root: the container tests will skip"; fi
 	$(BIN)/pytest
 
 monitor: setup system-deps ## Prometheus (rules, :9090) watching the service on :3000 ($BENTOML_PORT) and the drift Pushgateway
 	$(PY) -m monitoring.monitor
+
+stored-model: setup
+	@$(BIN)/bentoml models get $${IMGCLS_MODEL:-image-classifier:latest} >/dev/null 2>&1 || \
+	  { echo "No model $${IMGCLS_MODEL:-image-classifier:latest} in the store: training the demo model first"; $(PY) -m training --demo; }
+
+container-base: ## podman and the base image the Bento's Dockerfile needs (a stand-in where no registry serves it)
+	bash container/base.sh
+
+container: stored-model ## build the Bento and its GPU image (podman, or docker with a daemon); prints the run line
+	BIN=$(BIN) bash container/build.sh bentofile.yaml
+
+container-cpu: stored-model ## the same with the CPU-only onnxruntime: a much smaller image for CPU nodes
+	BIN=$(BIN) bash container/build.sh bentofile.cpu.yaml
+
+test-container: setup container-base ## build the CPU image from a tiny model, run it, test uploads, metrics, SIGTERM
+	$(BIN)/pytest -m container
+
+test-reliability: setup system-deps ## attacks and failures beside a normal client (about 2 minutes; docs/reliability.md)
+	$(BIN)/pytest -m reliability -s
 
 bench: setup ## model-stage benchmark, then the full load-test comparison against the FastAPI baseline
 	$(PY) -m loadtest.modelbench
@@ -63,4 +83,5 @@ lint: setup ## format and lint
 clean: ## remove caches and generated outputs (keeps .venv and the model store)
 	rm -rf .pytest_cache .ruff_cache build runs reports results .monitor
 
-.PHONY: help setup system-deps train demo serve monitor test bench audit lint clean
+.PHONY: help setup system-deps train demo serve monitor test bench audit lint clean stored-model container-base \
+	container container-cpu test-container test-reliability

@@ -53,6 +53,18 @@ def default_log_dir(environ: Mapping[str, str] | None = None) -> Path:
     return (home / "inference_log").absolute()
 
 
+def ensure_writable(folder: str | os.PathLike) -> Path:
+    """Create the log folder if needed; PermissionError saying what to do when this process cannot write there."""
+    folder = Path(folder).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"the inference log folder {folder} is not writable by uid {os.getuid()}: every record would be lost. "
+            f"Give that user the folder (e.g. chown {os.getuid()} {folder}) or set IMGCLS_LOG_DIR elsewhere."
+        )
+    return folder
+
+
 def make_record(
     request_id: str,
     model: str,
@@ -167,8 +179,7 @@ class InferenceLogWriter:
         on_error: Callable[[], None] | None = None,
         on_drop: Callable[[], None] | None = None,
     ):
-        self.folder = Path(folder).absolute()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = ensure_writable(folder)
         self.max_bytes, self.max_total_bytes, self.max_age_s = max_bytes, max_total_bytes, max_age_s
         self.thumbnail_bytes = thumbnail_bytes
         self.flush_interval, self.max_queue, self.fsync = flush_interval, max_queue, fsync

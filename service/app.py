@@ -35,7 +35,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from imgcls.errors import ApiError
-from imgcls.inference_log import PRODUCTION, InferenceLogWriter
+from imgcls.inference_log import PRODUCTION, InferenceLogWriter, ensure_writable
 from imgcls.model_files import ModelFiles, ModelFilesError, open_model
 from imgcls.onnx_run import CPU, CUDA, cuda_usable
 from service import http_protocol, metrics, pages, self_test, session, supervision
@@ -216,7 +216,8 @@ class ImageClassifier:
             stored = stored_model(SETTINGS.model)
             os.environ["IMGCLS_MODEL"] = str(stored.tag)
             self_test.check_stored_model(stored.path, PLAN, SETTINGS)
-        except ModelFilesError as exc:
+            ensure_writable(SETTINGS.inference_log_dir)
+        except (ModelFilesError, OSError) as exc:
             log.error("cannot serve: %s", exc)
             sys.exit(f"imgcls: cannot serve: {exc}")
 

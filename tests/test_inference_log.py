@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from imgcls.imagestats import STAT_FIELDS
 from imgcls.inference_log import (
@@ -18,6 +19,7 @@ from imgcls.inference_log import (
     InferenceLogWriter,
     default_log_dir,
     encode,
+    ensure_writable,
     log_files,
     make_record,
     parse_line,
@@ -149,3 +151,11 @@ def test_concurrent_writers_killed_hard_leave_only_whole_lines(tmp_path):
     for n in range(4):
         ids = sorted(int(r["request_id"].split("-")[1]) for r in records if r["request_id"].startswith(f"p{n}-"))
         assert ids and ids == list(range(len(ids))), "a process's records are a gap-free prefix"
+
+
+def test_an_unwritable_log_folder_is_refused_with_what_to_do(tmp_path, monkeypatch):
+    """(Tests run as root, who may write anywhere, so the permission check is simulated here; the container test
+    runs the real thing as the image's user.)"""
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match="not writable.*chown"):
+        ensure_writable(tmp_path / "log")
