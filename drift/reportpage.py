@@ -60,7 +60,7 @@ def header_html(
     thumbnails: Sequence[Thumbnail] | None = None,
     created: str = "",
 ) -> str:
-    """The banner, the score table with its legend, and the thumbnails (``None``: none were asked for)."""
+    """The banner, the thumbnails (``None``: none were asked for), then the score table with its legend."""
     kind = verdict(result)
     created = created or (result.timestamp if result else "")
     head = html.escape(" · ".join(p for p in (HEADINGS[kind], subject) if p))
@@ -73,9 +73,10 @@ def header_html(
         parts.append(f"<p><b>Why:</b> {html.escape(reason)}</p>")
     else:
         parts.append(_verdict_lines(result))
-        parts.append(_score_table(result))
-    if thumbnails is not None:
+    if thumbnails is not None:  # before the numbers: what the model is being sent says the most at a glance
         parts.append(thumbnails_html(thumbnails))
+    if result is not None:
+        parts.append(_score_table(result))
     items = [*(notes if result is None else result.notes), f"Created {created}." if created else ""]
     parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in items if n) + "</ul></div>")
     return f'<header id="drift-summary" style="{_FONT};border-bottom:2px solid #ccc">{"".join(parts)}</header>'
