@@ -38,7 +38,7 @@ from imgcls.errors import ApiError
 from imgcls.inference_log import PRODUCTION, InferenceLogWriter, ensure_writable
 from imgcls.model_files import ModelFiles, ModelFilesError, open_model
 from imgcls.onnx_run import CPU, CUDA, cuda_usable
-from service import http_protocol, metrics, pages, self_test, session, supervision
+from service import balance, http_protocol, metrics, pages, self_test, session, supervision
 from service.answers import Answerer, error_response
 from service.batching import Batcher, in_process
 from service.decoding import Decoder
@@ -212,6 +212,7 @@ class ImageClassifier:
         """
         show_info_logs()
         supervision.become_supervisor()
+        balance.create(PLAN.api_workers)
         try:
             stored = stored_model(SETTINGS.model)
             os.environ["IMGCLS_MODEL"] = str(stored.tag)
@@ -224,6 +225,7 @@ class ImageClassifier:
     def __init__(self) -> None:
         show_info_logs()
         supervision.exit_with_supervisor()
+        balance.join(bentoml.server_context.worker_index)
         stored = stored_model(self.model_ref.tag)
         self.tag = str(stored.tag)
         files = open_model(stored.path)

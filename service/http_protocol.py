@@ -4,6 +4,8 @@
   buffers, or trickle them for ever. :class:`LimitedHttpToolsProtocol` counts the bytes of each request's head
   as they arrive and answers 431 (too large, too many fields) or 408 (too slow) with the service's JSON error,
   then closes the connection, before any of it reaches the application.
+- **Balance**: each connection is counted in this worker's slot of the connection census
+  (``service/balance.py``) while it is open.
 - **Shutdown**: uvicorn closes idle keep-alive connections at once when it stops, and a client whose next
   request was already on its way got a reset. Here an idle connection is given ``IDLE_GRACE_S`` to bring that
   request, which is served with ``Connection: close``.
@@ -22,7 +24,7 @@ import typing as t
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service import metrics
+from service import balance, metrics
 
 HEAD_END = b"\r\n\r\n"
 #: At shutdown, how long an idle keep-alive connection may take to bring a request its client already sent.
@@ -46,9 +48,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refusal: tuple[int, str, str] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._shutting_down = False
+        self._census = balance.CENSUS  # the census it was counted in, if any
 
     def connection_made(self, transport: t.Any) -> None:
         super().connection_made(transport)
+        if self._census is not None:
+            self._census.add(1)
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_too_slow)
 
     def _stop_head_timer(self) -> None:
@@ -63,6 +68,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        if self._census is not None:
+            self._census.add(-1)
+            self._census = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:

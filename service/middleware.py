@@ -1,8 +1,8 @@
 """ASGI middlewares in front of the API, one job each, in the order a request meets them:
 
-1. :class:`KeepAliveLimit`: closes a keep-alive connection after N requests (as nginx does), so a client's
-   long-lived connections spread over the API workers instead of piling onto the first to accept (the
-   workers share one listening socket, and the first to wake accepts every waiting connection).
+1. :class:`KeepAliveLimit`: closes a keep-alive connection after N requests (as nginx does), so long-lived
+   connections also reach pods started later, and while this worker holds more than its share of the
+   connections (``service/balance.py``), so they spread evenly over the API workers.
 2. :class:`ErrorShape`: brings error bodies BentoML or Starlette produce (validation errors, 404, 405, the
    rare 500) into the one shape, ``{"error": code, "detail": what to do}``.
 3. :class:`ApiKeyAuth`: with an API key set, refuses requests to the protected paths without it (401).
@@ -27,7 +27,7 @@ from base64 import b64decode
 from collections.abc import Callable, Collection, Mapping
 
 from imgcls.errors import ApiError
-from service import metrics
+from service import balance, metrics
 from service.answers import error_response
 from service.parse import UPLOAD_KEY, UploadSpec, parse_upload
 
@@ -52,21 +52,18 @@ def _path(scope: Scope) -> str:
 
 
 class KeepAliveLimit:
-    """``Connection: close`` on the ``max_requests``-th response of a connection; 0 turns it off."""
+    """``Connection: close`` on the ``max_requests``-th response of a connection (0: no limit), and on any response
+    while this worker holds more than its share of the connections (``service/balance.py``)."""
 
     def __init__(self, app: ASGIApp, max_requests: int):
         self.app, self.max_requests = app, max_requests
         self._served: collections.OrderedDict[tuple, int] = collections.OrderedDict()  # per client (host, port)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.max_requests or not scope.get("client"):
+        if scope["type"] != "http" or not scope.get("client"):
             return await self.app(scope, receive, send)
-        key = tuple(scope["client"])
-        served = self._served.pop(key, 0) + 1
-        if served < self.max_requests:
-            self._served[key] = served
-            if len(self._served) > 4096:  # connections the clients closed themselves are never seen again
-                self._served.popitem(last=False)
+        census = balance.CENSUS
+        if not (census is not None and census.crowded()) and not self._last_request(tuple(scope["client"])):
             return await self.app(scope, receive, send)
 
         async def closing(message: Message) -> None:
@@ -75,6 +72,18 @@ class KeepAliveLimit:
             await send(message)
 
         await self.app(scope, receive, closing)
+
+    def _last_request(self, client: tuple) -> bool:
+        """Whether this is the ``max_requests``-th request of the connection from ``client`` (host, port)."""
+        if not self.max_requests:
+            return False
+        served = self._served.pop(client, 0) + 1
+        if served >= self.max_requests:
+            return True
+        self._served[client] = served
+        if len(self._served) > 4096:  # connections the clients closed themselves are never seen again
+            self._served.popitem(last=False)
+        return False
 
 
 #: Codes and details for statuses that reach :class:`ErrorShape` in another shape.

@@ -8,6 +8,7 @@ whether a GPU is usable and the core count, so every combination is unit-tested 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -57,7 +58,9 @@ class Settings:
     timeout_s: float = _help("time to process a request once received, answered 504 after", 30.0)
     drain_s: float = _help("on SIGTERM: seconds reporting not ready while still serving, before stopping", 2.0)
     retry_after_s: int = _help("the Retry-After of a 503", 1)
-    keepalive_requests: int = _help("requests per connection, then it is closed (spreads them); 0: no limit", 100)
+    keepalive_requests: int = _help(
+        "requests per connection, then it is closed (so it may reach a newer pod); 0: no limit", 1000
+    )
     api_key: str = _help("when set, /classify, /classify_batch, /info and /ui need it (Bearer, X-API-Key or Basic)", "")
     api_key_file: str = _help("file holding the API key (a mounted secret); read once at start", "")
     protect_metrics: bool = _help("with an API key, /metrics needs it too", False)
@@ -179,9 +182,30 @@ def resolve(settings: Settings, gpu_usable: bool, cpus: int) -> Plan:
     return Plan(device, shared, workers, settings.max_batch_size or DEFAULT_BATCH[device], threads)
 
 
-def cpu_count() -> int:
-    """Cores this process may run on."""
+def cpu_count(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """Cores this process may use: the cores it may run on, fewer under a cgroup v2 CPU quota (a container's
+    ``resources.limits.cpu`` on Kubernetes: a pod limited to 2 CPUs on a 64-core node gets 2, not 64)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
+    except (OSError, ValueError):  # no cgroup v2 here
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
+
+
+def help_text() -> str:
+    """Every ``IMGCLS_*`` variable with its default and meaning: ``python -m service.settings``."""
+    lines = ["IMGCLS_* environment variables of `bentoml serve` (default, meaning):", ""]
+    for f in fields(Settings):
+        default = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+        lines.append(f"  IMGCLS_{f.name.upper():<22} {default or '(unset)':<22} {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(help_text())

@@ -8,6 +8,7 @@ import base64
 import json
 import shutil
 import time
+from dataclasses import fields
 
 import httpx
 import numpy as np
@@ -18,11 +19,11 @@ from starlette.routing import Route
 
 from imgcls.errors import ApiError
 from imgcls.model_files import ModelFilesError, open_model
-from service import session, wire
+from service import balance, session, wire
 from service.batching import Batcher, in_process
 from service.middleware import ApiKeyAuth, ConcurrencyLimit, Deadline, ErrorShape, KeepAliveLimit, UploadReceiver
 from service.parse import UPLOAD_KEY, UploadSpec
-from service.settings import Plan, Settings, SettingsError, resolve
+from service.settings import Plan, Settings, SettingsError, cpu_count, help_text, resolve
 
 
 def _app(delay: float = 0.0, status: int = 200, body: object = None) -> Starlette:
@@ -194,6 +195,54 @@ def test_keepalive_connection_is_closed_after_its_request_quota():
 
     closing = [r.headers.get("connection") == "close" for r in run(go())]
     assert closing == [False, False, True, False, False, True]
+
+
+def test_census_says_crowded_only_when_clearly_above_the_least_loaded_worker(tmp_path, monkeypatch):
+    monkeypatch.setattr(balance.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv(balance.CENSUS_FILE, raising=False)
+    balance.create(3)
+    path = balance.os.environ[balance.CENSUS_FILE]
+    workers = [balance.Census(path, slot) for slot in range(3)]  # as three API worker processes see the file
+
+    def crowded(*counts: int) -> list[bool]:
+        for census, count in zip(workers, counts, strict=True):
+            census.add(count - census.counts[census.slot])
+        return [census.crowded() for census in workers]
+
+    assert crowded(4, 4, 3) == [False, False, False]
+    assert crowded(5, 3, 4) == [True, False, False]  # two more than the least loaded
+    assert crowded(40, 37, 36) == [False, False, False]  # within an eighth
+    assert crowded(40, 37, 35) == [True, False, False]
+    assert balance.Census(path, 0).counts[0] == 0  # a replacement worker starts its slot afresh
+    with pytest.raises(ValueError, match="outside"):
+        balance.Census(path, 3)
+
+
+def test_crowded_worker_closes_every_connection_after_its_response(tmp_path, monkeypatch):
+    monkeypatch.setattr(balance.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv(balance.CENSUS_FILE, raising=False)
+    balance.create(2)
+    mine = balance.Census(balance.os.environ[balance.CENSUS_FILE], 0)
+    monkeypatch.setattr(balance, "CENSUS", mine)
+
+    async def go():
+        async with _client(KeepAliveLimit(_app(), max_requests=0)) as client:
+            return (await client.post("/classify", content=b"x")).headers.get("connection")
+
+    mine.add(2)
+    assert run(go()) == "close"
+    mine.add(-1)
+    assert run(go()) is None
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "cores"),
+    [("max 100000", None), ("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1), ("garbage", None)],
+)
+def test_cpu_count_follows_a_cgroup_quota_below_the_cores(tmp_path, cpu_max, cores):
+    available = cpu_count(str(tmp_path / "absent"))
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    assert cpu_count(str(tmp_path / "cpu.max")) == (available if cores is None else min(available, cores))
 
 
 def test_foreign_error_bodies_are_rewritten_ours_and_probes_pass_unchanged():
@@ -439,3 +488,9 @@ def test_a_slow_model_with_room_for_big_batches_does_not_shed_a_second_caller():
         return await asyncio.gather(*(batcher(np.zeros((1, 2), np.uint8)) for _ in range(3)), return_exceptions=True)
 
     assert all(isinstance(r, np.ndarray) for r in run(go()))
+
+
+def test_every_setting_is_listed_with_its_default_and_meaning():
+    listed = help_text()
+    for f in fields(Settings):
+        assert f"IMGCLS_{f.name.upper()} " in listed and f.metadata["help"] in listed
