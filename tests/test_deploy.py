@@ -365,7 +365,11 @@ def kube_play_cronjob(service_image: str, jobs_image: str, log_root: Path, pushg
 
 @pytest.fixture(scope="session")
 def jobs_image():
-    """``container/build-jobs.sh``: the jobs image's tag; removed after."""
+    """``container/build-jobs.sh``: the jobs image's tag; untagged after.
+
+    Untagged rather than removed: its layers stay as the build cache, so the next run takes seconds, not a minute
+    (the same image each time, so the disk holds one copy).
+    """
     tag = f"localhost/imgcls-jobs:test-{uuid.uuid4().hex[:8]}"
     start = time.monotonic()
     build = subprocess.run(
@@ -376,7 +380,7 @@ def jobs_image():
     assert build.stdout.strip().splitlines()[-1] == tag
     print(f"\nbuilt {tag} in {time.monotonic() - start:.0f}s: {build.stdout.strip().splitlines()[-2]}")
     yield tag
-    podman("rmi", "-f", tag, check=False)
+    podman("untag", tag, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -487,3 +491,55 @@ def test_drift_cronjob_pod_judges_the_pod_log_and_pushes_to_a_pushgateway(played
         podman("kube", "down", str(manifest), check=False)
         gateway.terminate()
         gateway.wait(timeout=20)
+
+
+def kube_play_locust(host: str, web_port: int, master_port: int) -> list[dict]:
+    """The jobs' ConfigMap and Locust Deployments, on the host's network (no Service here) and its 127.0.0.1 only."""
+    objects = [json.loads(json.dumps(o)) for o in render("jobs") if o["kind"] in ("ConfigMap", "Deployment")]
+    next(o for o in objects if o["kind"] == "ConfigMap")["data"]["LOCUST_HOST"] = host
+    for deployment in (o for o in objects if o["kind"] == "Deployment"):
+        deployment["spec"]["replicas"] = 1
+        deployment["spec"]["template"]["spec"]["hostNetwork"] = True
+        box = container(deployment)
+        box.pop("ports", None)  # podman refuses port mappings on the host's network; the flags below bind instead
+        if "--master" in box["command"]:
+            box["command"] += ["--web-host", "127.0.0.1", "--web-port", str(web_port),
+                               "--master-bind-host", "127.0.0.1", "--master-bind-port", str(master_port)]  # fmt: skip
+        else:
+            box["command"] = [*box["command"][:-1], "127.0.0.1", "--master-port", str(master_port)]
+    return objects
+
+
+@in_container(kube_play=True)
+def test_locust_master_and_worker_pods_load_the_service(server, jobs_image, tmp_path):
+    """The jobs image runs the manifests' Locust master and worker; a swarm started on the master's web API sends
+    requests from the worker to the service."""
+    web, master = free_port(), free_port()
+    objects = kube_play_locust(server.url, web, master)
+    for deployment in (o for o in objects if o["kind"] == "Deployment"):
+        container(deployment)["image"] = jobs_image
+    manifest = tmp_path / "locust.yaml"
+    manifest.write_text(yaml.safe_dump_all(objects))
+    ui = f"http://127.0.0.1:{web}"
+    try:
+        podman("kube", "play", str(manifest))
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                stats = requests.get(ui + "/stats/requests", timeout=5).json()
+                if len(stats.get("workers", [])) == 1:
+                    break
+            except (requests.RequestException, ValueError):
+                pass
+            assert time.monotonic() < deadline, "the worker did not join the master within 2 minutes"
+            time.sleep(0.5)
+        started = requests.post(ui + "/swarm", data={"user_count": 4, "spawn_rate": 4, "host": server.url}, timeout=10)
+        assert started.ok and started.json()["success"], started.text
+        time.sleep(6)
+        stats = requests.get(ui + "/stats/requests", timeout=5).json()
+        requests.get(ui + "/stop", timeout=10)
+        total = next(s for s in stats["stats"] if s["name"] == "Aggregated")
+        print(f"\nLocust in pods: {total['num_requests']} requests, {total['num_failures']} failures in 6 s")
+        assert total["num_requests"] > 10 and total["num_failures"] == 0, stats["errors"]
+    finally:
+        podman("kube", "down", str(manifest), check=False)
