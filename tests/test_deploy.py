@@ -7,8 +7,9 @@
   scrapes the service under a short load.
 - ``container`` (podman and root): ``podman kube play`` of the rendered CPU Deployment with the image from
   ``container/build.sh``, and of the drift CronJob's pod with the jobs image against that pod's log, pushing to a
-  real Pushgateway. Test-only changes to the manifests are made in :func:`kube_play_deployment` and
-  :func:`kube_play_cronjob`, each with its reason.
+  real Pushgateway; and of the Locust master and worker Deployments against a running service. Test-only changes
+  to the manifests are made in :func:`kube_play_deployment`, :func:`kube_play_cronjob` and
+  :func:`kube_play_locust`, each with its reason.
 """
 
 from __future__ import annotations
