@@ -7,10 +7,13 @@ import logging
 import sys
 from pathlib import Path
 
+from drift.history import HISTORY_FILE, PAGE_FILE, load_history, record_run, run_entry
 from drift.logread import LogError, parse_since, read_log
 from drift.promfile import push, registry, write_textfile
 from drift.reference import ReferenceError, load_reference
-from drift.report import DriftConfig, NotEnoughData, drift_report, summary_table
+from drift.report import DriftConfig, NotEnoughData, drift_report, save_cannot_judge, summary_table
+from drift.thumbnails import DEFAULT_COUNT, most_unfamiliar
+from drift.trendpage import render_history_page
 from imgcls.inference_log import PRODUCTION, default_log_dir
 from imgcls.model_files import VARIANTS
 
@@ -19,6 +22,7 @@ EXIT_CODES = f"""exit codes:
   {EXIT_OK}  no drift
   {EXIT_DRIFT}  drift: a feature, the predicted labels or the embeddings moved (see the report)
   {EXIT_CANNOT_JUDGE}  cannot judge: no log, too few rows, several models or variants in the window, no reference
+  with --history-only: {EXIT_OK} the page was written, {EXIT_CANNOT_JUDGE} there is no history to show
 """
 
 
@@ -52,6 +56,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--all-sources", action="store_true", help="judge every traffic source together")
     p.add_argument("--reference", type=Path, help="reference parquet to use instead of the one stored with the model")
     p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: %(default)s)")
+    p.add_argument(
+        "--history",
+        type=Path,
+        help=f"run history each run is appended to (default: OUT/{HISTORY_FILE}); OUT/{PAGE_FILE} shows it",
+    )
+    p.add_argument(
+        "--history-only", action="store_true", help=f"only re-render OUT/{PAGE_FILE} from the history; no new run"
+    )
+    p.add_argument(
+        "--thumbnails",
+        type=int,
+        default=DEFAULT_COUNT,
+        metavar="N",
+        help="thumbnails of the window's most unfamiliar images on the report (%(default)s; 0: none)",
+    )
     p.add_argument("--prom-file", type=Path, help="Prometheus text file (default: OUT/drift.prom)")
     p.add_argument("--pushgateway", metavar="URL", help="also push the figures to this Prometheus Pushgateway")
     p.add_argument("--min-rows", type=int, default=defaults.min_rows, help="fewer rows cannot be judged (%(default)s)")
@@ -72,8 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     config = DriftConfig(min_rows=args.min_rows, max_rows=args.max_rows, seed=args.seed)
     sources = None if args.all_sources else frozenset(args.sources or [PRODUCTION])
     prom_file = args.prom_file or args.out / "drift.prom"
+    history, page = args.history or args.out / HISTORY_FILE, args.out / PAGE_FILE
+    if args.history_only:
+        entries = load_history(history)
+        if not entries:
+            print(f"no drift run recorded in {history}", file=sys.stderr)
+            return EXIT_CANNOT_JUDGE
+        print(f"history: {render_history_page(entries, page, history.parent)} ({len(entries)} runs)")
+        return EXIT_OK
 
     data = result = None
+    reason, notes, thumbnails, subject = "", [], None, ""
     try:
         since = parse_since(args.since) if args.since else None
         data = read_log(args.log_dir, since, args.last, args.model, args.variant, sources)
@@ -82,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
             f"or truncated), {data.outside_window:,} outside the window, {data.other_sources:,} of other traffic "
             f"sources, {data.other_models:,} of other models or variants"
         )
+        thumbnails = most_unfamiliar(data.frame, args.log_dir, args.thumbnails) if args.thumbnails > 0 else None
+        if data.model is not None:
+            subject = f"{data.model} ({data.variant or 'variant not logged'})"
+            notes.append(f"Model {subject}; log {args.log_dir}.")
+        if data.skipped:
+            notes.append(f"{data.skipped:,} of {data.lines:,} log lines were skipped as corrupt or truncated.")
+        if data.other_sources:
+            notes.append(f"{data.other_sources:,} rows of other traffic sources were left out ({data.sources}).")
         if data.model is None:
             shown = ", ".join(f"{k} ({v})" for k, v in data.sources.items()) or "none"
             raise NotEnoughData(
@@ -92,20 +128,22 @@ def main(argv: list[str] | None = None) -> int:
             reference = load_reference(path=args.reference)
         else:
             reference = load_reference(data.model, args.variant or data.variant)
-        notes = [f"Model {data.model} ({data.variant or 'variant not logged'}); log {args.log_dir}."]
-        if data.skipped:
-            notes.append(f"{data.skipped:,} of {data.lines:,} log lines were skipped as corrupt or truncated.")
-        if data.other_sources:
-            notes.append(f"{data.other_sources:,} rows of other traffic sources were left out ({data.sources}).")
-        result = drift_report(reference, data.frame, args.out, config, notes=notes)
+        result = drift_report(reference, data.frame, args.out, config, notes=notes, subject=subject,
+                              thumbnails=thumbnails)  # fmt: skip
     except (LogError, ReferenceError, NotEnoughData, ValueError) as e:
-        print(f"cannot judge drift: {e}", file=sys.stderr)
+        reason = str(e)
+        print(f"cannot judge drift: {reason}", file=sys.stderr)
 
-    judged = data is not None and len(data.frame) > 0
-    unfamiliar = float(data.frame["unfamiliar"].mean()) if judged else float("nan")
+    unfamiliar = data.unfamiliar_share if data else float("nan")
     figures = registry(result, data.model if data else None, data.skipped if data else 0,
                        len(data.frame) if data else 0, unfamiliar)  # fmt: skip
     write_textfile(prom_file, figures)
+    report = result.html_path if result else save_cannot_judge(args.out, reason, notes, subject, thumbnails)
+    entry = run_entry(result, data, reason, sources, args.since, args.last, report, history)
+    try:
+        print(f"history: {record_run(history, entry, page)}")
+    except OSError as exc:  # the verdict still stands: say so and go on
+        print(f"could not record the run in {history}: {exc}", file=sys.stderr)
     if args.pushgateway:
         try:
             push(args.pushgateway, figures, data.model if data else None)
@@ -114,11 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"could not push to the Pushgateway {args.pushgateway}: {exc}", file=sys.stderr)
             return EXIT_CANNOT_JUDGE
     if result is None:
+        print(f"page: {report}")
         return EXIT_CANNOT_JUDGE
     print(summary_table(result))
     for note in result.notes[1:]:
         print(note)
     print(f"unfamiliar images in the window: {100 * unfamiliar:.1f}%")
+    if thumbnails is not None:
+        print(f"thumbnails of the most unfamiliar images on the report: {len(thumbnails)}")
     print(
         f"dataset drift (share of drifted columns {result.drifted_share:.2f} >= {config.drift_share}): "
         f"{'yes' if result.dataset_drift else 'no'}"

@@ -31,8 +31,8 @@ class LogError(RuntimeError):
 class LogData:
     """The usable rows of the log and what was left out of them."""
 
-    frame: pd.DataFrame  # time, model, variant, source, label, confidence, ood_score, unfamiliar (1/0), STAT_FIELDS,
-    # emb_*; oldest first
+    frame: pd.DataFrame  # time, request_id, model, variant, source, label, confidence, ood_score, unfamiliar (1/0),
+    # STAT_FIELDS, emb_*; oldest first
     model: str | None  # the one model tag of the rows (None when there are no rows)
     files: list[Path]
     variant: str | None = None  # the one variant of the rows (None when there are no rows, or version 1 lines)
@@ -43,6 +43,13 @@ class LogData:
     other_models: int = 0  # valid rows of models (or variants) other than --model (--variant)
     models: dict[str, int] = field(default_factory=dict)  # rows per model tag in the window
     sources: dict[str, int] = field(default_factory=dict)  # rows per traffic source in the window
+
+    @property
+    def unfamiliar_share(self) -> float:
+        """Share of the window's images flagged as unlike the training images; NaN when no row carries the flag."""
+        if self.frame.empty:
+            return float("nan")
+        return float(self.frame["unfamiliar"].mean())
 
 
 def find_log_files(path: str | os.PathLike) -> list[Path]:
@@ -173,7 +180,7 @@ def _to_frame(records: list[dict]) -> pd.DataFrame:
         numbers[i, 3:] = [r[k] for k in STAT_FIELDS]
         embeddings[i] = r["embedding"]
     frame = pd.DataFrame(numbers, columns=["confidence", "ood_score", "unfamiliar", *STAT_FIELDS])
-    for column in ("label", "source", "variant", "model"):
+    for column in ("label", "source", "variant", "model", "request_id"):
         frame.insert(0, column, pd.Series([str(r[column] or "") for r in records], dtype=object))
     frame.insert(0, "time", pd.to_datetime([r["time"] for r in records], utc=True, format="ISO8601"))
     emb = pd.DataFrame(embeddings, columns=[f"{EMBEDDING_PREFIX}{j}" for j in range(dim)])

@@ -16,10 +16,10 @@ Evidently's own "dataset drift" (share of drifted columns >= ``drift_share``) is
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 
 from drift.reference import embedding_columns
+from drift.reportpage import cannot_judge_page, report_page
+from drift.thumbnails import Thumbnail
 from imgcls.imagestats import STAT_FIELDS
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,13 @@ class ColumnDrift:
     score: float  # p-value for ks/chisquare; ROC AUC for the embeddings
     threshold: float
     drifted: bool
+
+    @property
+    def drifts_when(self) -> str:
+        """How the score stands to the threshold when the column drifts: p-values fall, the embeddings' AUC rises."""
+        if self.feature == EMBEDDING_NAME:
+            return "AUC > thr"
+        return "p < thr" if self.method == LABEL_TEST else "p <= thr"  # Evidently's KS test drifts at p <= threshold
 
 
 @dataclass
@@ -155,8 +164,13 @@ def drift_report(
     config: DriftConfig | None = None,
     name: str = "drift",
     notes: list[str] | None = None,
+    subject: str = "",
+    thumbnails: Sequence[Thumbnail] | None = None,
 ) -> DriftResult:
-    """Build and run the Evidently report of ``current`` against ``reference``; save HTML + JSON under ``out_dir``."""
+    """Build and run the Evidently report of ``current`` against ``reference``; save HTML + JSON under ``out_dir``.
+
+    ``subject`` (what was judged, e.g. the model and variant) goes into the page's title and banner, and
+    ``thumbnails`` into a strip below it (``None``: no strip)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import DriftedColumnsCount, ValueDrift
     from evidently.metrics.embeddings import ModelDriftMethod
@@ -229,20 +243,42 @@ def drift_report(
     result.timestamp = stamp.isoformat(timespec="seconds")
     result.notes = notes
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        base = out / f"{name}-{stamp.strftime('%Y%m%dT%H%M%SZ')}"
-        for i in range(1, 1000):  # two runs in one second must not overwrite each other
-            if not base.with_suffix(".html").exists():
-                break
-            base = out / f"{name}-{stamp.strftime('%Y%m%dT%H%M%SZ')}-{i}"
+        base = _new_base(out_dir, name, stamp)
         result.html_path, result.json_path = base.with_suffix(".html"), base.with_suffix(".json")
-        page = snapshot.get_html_str(as_iframe=False)
-        page = page.replace("<body>", "<body>" + _banner(result), 1)
+        page = report_page(snapshot.get_html_str(as_iframe=False), result, subject, thumbnails)
         result.html_path.write_text(page, encoding="utf-8")
         result.json_path.write_text(json.dumps({"summary": result.to_dict(), **evidently}, indent=1, default=str))
         log.info("drift report saved: %s, %s", result.html_path, result.json_path)
     return result
+
+
+def save_cannot_judge(
+    out_dir: str | Path,
+    reason: str,
+    notes: Sequence[str] = (),
+    subject: str = "",
+    thumbnails: Sequence[Thumbnail] | None = None,
+    name: str = "drift",
+) -> Path:
+    """Save the page of a run that could not judge (why, and the thumbnails of the window); returns its path."""
+    stamp = datetime.now(UTC)
+    path = _new_base(out_dir, name, stamp).with_suffix(".html")
+    created = stamp.isoformat(timespec="seconds")
+    path.write_text(cannot_judge_page(reason, notes, subject, thumbnails, created), encoding="utf-8")
+    log.info("drift page saved: %s", path)
+    return path
+
+
+def _new_base(out_dir: str | Path, name: str, stamp: datetime) -> Path:
+    """``OUT/NAME-<UTC time>``, with a counter when a report of that second exists (two runs must not collide)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / f"{name}-{stamp.strftime('%Y%m%dT%H%M%SZ')}"
+    for i in range(1, 1000):
+        if not base.with_suffix(".html").exists():
+            break
+        base = out / f"{name}-{stamp.strftime('%Y%m%dT%H%M%SZ')}-{i}"
+    return base
 
 
 def _summarise(
@@ -285,22 +321,11 @@ def _summarise(
 
 
 def summary_table(result: DriftResult) -> str:
-    """The per-feature results as a plain-text table."""
-    lines = [f"{'feature':<14} {'method':<13} {'score':>10} {'threshold':>10}  drifted"]
+    """The per-feature results as a plain-text table, with the direction in which each score drifts."""
+    lines = [f"{'feature':<14} {'method':<13} {'score':>10} {'drifts when':>11} {'threshold':>10}  drifted"]
     for c in result.columns:
         lines.append(
-            f"{c.feature:<14} {c.method:<13} {c.score:>10.3g} {c.threshold:>10.3g}  {'YES' if c.drifted else 'no'}"
+            f"{c.feature:<14} {c.method:<13} {c.score:>10.3g} {c.drifts_when:>11} {c.threshold:>10.3g}  "
+            f"{'YES' if c.drifted else 'no'}"
         )
     return "\n".join(lines)
-
-
-def _banner(result: DriftResult) -> str:
-    verdict = "DRIFT" if result.drift else "no drift"
-    drifted = ", ".join(c.feature for c in result.columns if c.drifted) or "none"
-    items = [
-        f"Verdict: <b>{verdict}</b> (drifted: {html.escape(drifted)}).",
-        f"Rows: {result.rows_current:,} current, {result.rows_reference:,} reference. Created {result.timestamp}.",
-        *(html.escape(n) for n in result.notes),
-    ]
-    body = "".join(f"<li>{i}</li>" for i in items)
-    return f'<div style="font-family:sans-serif;padding:8px 16px;border-bottom:1px solid #ccc"><ul>{body}</ul></div>'

@@ -139,6 +139,20 @@ def log_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: (p.name, str(p)))
 
 
+def thumbnail_name(request_id: str) -> str:
+    """The file name of request ``request_id``'s thumbnail in ``THUMBNAIL_DIR`` (the writer's and the reader's)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", request_id) + ".jpg"
+
+
+def thumbnail_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """The stored thumbnails by file name, under ``folder`` (or a log file's folder) and its per-pod subfolders."""
+    folder = Path(folder)
+    if folder.is_file():
+        folder = folder.parent
+    found = [*folder.glob(f"{THUMBNAIL_DIR}/*.jpg"), *folder.glob(f"*/{THUMBNAIL_DIR}/*.jpg")]
+    return {p.name: p for p in found}
+
+
 def thumbnail_jpeg(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
     """A small JPEG of a model-input array, for people to see what the model was sent."""
     from PIL import Image
@@ -295,8 +309,7 @@ class InferenceLogWriter:
         try:
             folder.mkdir(exist_ok=True)
             for request_id, pixels in thumbnails:
-                safe = re.sub(r"[^A-Za-z0-9_.-]", "_", request_id)
-                (folder / f"{safe}.jpg").write_bytes(thumbnail_jpeg(pixels))
+                (folder / thumbnail_name(request_id)).write_bytes(thumbnail_jpeg(pixels))
         except OSError:
             log.exception("inference log: saving thumbnails in %s failed", folder)
             return

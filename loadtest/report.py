@@ -86,14 +86,14 @@ def _fmt(x, digits: int = 0) -> str:
 def steps_table(steps: list[dict], latency_objective_ms: float, max_error_rate: float) -> str:
     """Markdown table: one row per step."""
     rows = [
-        "| users | req/s | errors | p50 ms | p95 ms | p99 ms | within SLO |",
-        "|---:|---:|---:|---:|---:|---:|:---:|",
+        "| users | req/s | errors | p50 ms | p95 ms | p99 ms | server CPU ms/req | within SLO |",
+        "|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for s in steps:
         ok = "yes" if meets_slo(s, latency_objective_ms, max_error_rate) else "no"
         rows.append(
             f"| {s['users']} | {_fmt(s['rps'], 1)} | {100 * s['error_rate']:.2f}% | {_fmt(s['p50_ms'])} "
-            f"| {_fmt(s['p95_ms'])} | {_fmt(s['p99_ms'])} | {ok} |"
+            f"| {_fmt(s['p95_ms'])} | {_fmt(s['p99_ms'])} | {_fmt(s.get('server_cpu_ms_per_request'), 2)} | {ok} |"
         )
     return "\n".join(rows)
 

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 from loadtest import promscrape, report, servers
 from loadtest.images import COMPARE_MIX, DEFAULT_MIX, parse_mix
 from loadtest.stepstats import DEFAULTS, headline, step_schedule
@@ -101,25 +103,42 @@ def locust_command(cfg: RunConfig, url: str, out_dir: Path, labels: str) -> list
     return cmd + cfg.locust_args
 
 
-def run_locust(cmd: list[str], out_dir: Path, timeout: float) -> int:
-    """Run Locust with its output in locust.log, reporting each step as the shape writes it to steps.json."""
+def run_locust(
+    cmd: list[str], out_dir: Path, timeout: float, cpu: servers.CpuProbe | None = None
+) -> tuple[int, list[tuple[float, float]]]:
+    """Run Locust with its output in locust.log, reporting each step as the shape writes it to steps.json;
+    returns its exit code and (Unix time, server CPU seconds) samples taken once a second when ``cpu`` is given."""
     log.info("locust: %s", shlex.join(cmd))
-    steps_file, reported = out_dir / "steps.json", 0
+    steps_file, reported, samples = out_dir / "steps.json", 0, []
     deadline = time.monotonic() + timeout  # a hung Locust must not hang the runner
     with open(out_dir / "locust.log", "w") as logfile:
         proc = subprocess.Popen(cmd, cwd=servers.ROOT, stdout=logfile, stderr=subprocess.STDOUT)
         try:
             while proc.poll() is None and time.monotonic() < deadline:
+                if cpu is not None:
+                    samples.append((time.time(), cpu()))
                 time.sleep(1)
                 reported = _report_new_steps(steps_file, reported)
         finally:
             if proc.poll() is None:
                 proc.kill()
             code = proc.wait()
+    if cpu is not None:
+        samples.append((time.time(), cpu()))  # after the last step's end
     _report_new_steps(steps_file, reported)
     if code < 0:
         raise TimeoutError(f"Locust was stopped after {timeout:.0f}s (signal {-code}); see {out_dir / 'locust.log'}")
-    return code
+    return code, samples
+
+
+def cpu_per_request(step: dict, samples: list[tuple[float, float]]) -> float | None:
+    """Server CPU milliseconds per request in a step's window, from the samples interpolated at its ends."""
+    start, end = step.get("window", (0.0, 0.0))
+    if len(samples) < 2 or not step["requests"] or not samples[0][0] <= start < end <= samples[-1][0]:
+        return None
+    times, seconds = zip(*samples, strict=True)
+    used = float(np.interp(end, times, seconds) - np.interp(start, times, seconds))
+    return round(1000 * used / step["requests"], 3)
 
 
 def _report_new_steps(steps_file: Path, reported: int) -> int:
@@ -143,12 +162,14 @@ def measure(cfg: RunConfig, target: servers.Target, label: str, out_dir: Path, l
     budget = cfg.warmup + len(planned) * cfg.step_duration + 120
     before = promscrape.scrape(target.url)
     cmd = locust_command(cfg, target.url, out_dir, labels)
-    code = run_locust(cmd, out_dir, budget)
+    code, samples = run_locust(cmd, out_dir, budget, servers.cpu_probe(target))
     after = promscrape.scrape(target.url)
     steps_file = out_dir / "steps.json"
     if not steps_file.exists():
         raise RuntimeError(f"Locust finished (exit {code}) without step results; see {out_dir / 'locust.log'}")
     steps = json.loads(steps_file.read_text())["steps"]
+    for step in steps:
+        step["server_cpu_ms_per_request"] = cpu_per_request(step, samples)
     return {
         "label": label,
         "url": target.url,

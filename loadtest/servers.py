@@ -9,8 +9,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +151,29 @@ def _start(name: str, cmd: list[str], env: dict, log_file: Path, port: int, time
         raise
     log.info("%s ready at %s", name, target.url)
     return target
+
+
+CpuProbe = Callable[[], float]
+
+
+def cpu_probe(target: Target) -> CpuProbe | None:
+    """A function giving the CPU seconds used so far by a server the runner started (its whole process tree);
+    None for one it was pointed at."""
+    if target.proc is None:
+        return None
+    root = psutil.Process(target.proc.pid)
+
+    def used() -> float:
+        total = 0.0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system
+        return total
+
+    return used
 
 
 def stop(target: Target) -> None:

@@ -61,7 +61,9 @@ class StepLoadShape(LoadTestShape):
         stats = self.runner.stats
         total = stats.total
         per_name = {f"{e.method} {e.name}": (e.num_requests, e.num_failures) for e in stats.entries.values()}
-        return Snapshot(time.monotonic(), total.num_requests, total.num_failures, dict(total.response_times), per_name)
+        return Snapshot(
+            time.monotonic(), total.num_requests, total.num_failures, dict(total.response_times), per_name, time.time()
+        )
 
     def _reset(self) -> None:
         self.runner.stats.reset_all()  # Locust's CSV/HTML reports then cover the measured steps only

@@ -40,6 +40,7 @@ class Snapshot:
     failures: int
     response_times: dict[int, int]
     per_name: dict[str, tuple[int, int]] = field(default_factory=dict)
+    wall: float = 0.0  # Unix time, so that another process can line up its own samples (the server's CPU)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class StepResult:
     p99_ms: float | None
     max_ms: float | None
     per_name: dict[str, dict[str, int]] = field(default_factory=dict)
+    window: tuple[float, float] = (0.0, 0.0)  # Unix times of the measured window
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +109,7 @@ def step_result(users: int, start: Snapshot, end: Snapshot) -> StepResult:
         p99_ms=p99,
         max_ms=float(max(hist)) if hist else None,
         per_name=per_name,
+        window=(start.wall, end.wall),
     )
 
 

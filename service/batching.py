@@ -67,6 +67,7 @@ class Batcher:
         self.max_wait_s, self.retry_after_s = max_wait_s, retry_after_s
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._waiting_images = 0
+        self._running_images = 0
         self._in_flight = 0
         self._seconds_per_image = 0.0  # recent model time per image, for the shedding estimate
         self._tasks: set[asyncio.Task] = set()
@@ -81,10 +82,10 @@ class Batcher:
         return await future
 
     def _expected_wait(self, images: int) -> float:
-        """Seconds until ``images`` more would be done, if every waiting image goes first."""
-        batches = -(-(self._waiting_images + images) // self.max_batch_size)
-        per_batch = self._seconds_per_image * self.max_batch_size
-        return batches * per_batch / self.max_in_flight
+        """Seconds until ``images`` more would be done, after every image waiting or running now (a batch's time
+        grows with its images)."""
+        ahead = self._waiting_images + self._running_images + images
+        return ahead * self._seconds_per_image / self.max_in_flight
 
     def _overloaded(self) -> ApiError:
         return ApiError(
@@ -114,6 +115,7 @@ class Batcher:
             if not group:
                 continue
             self._in_flight += 1
+            self._running_images += images
             task = asyncio.get_running_loop().create_task(self._run(group, images))
             self._tasks.add(task)  # keep a reference until done
             task.add_done_callback(self._tasks.discard)
@@ -139,4 +141,5 @@ class Batcher:
                     item.future.set_exception(exc)
         finally:
             self._in_flight -= 1
+            self._running_images -= images
             self._dispatch()

@@ -106,7 +106,8 @@ def test_in_distribution_log_passes_and_writes_reports(stored_model, tmp_path, c
     assert "verdict: no drift" in out and "brightness" in out and "embedding" in out
     html, js = sorted((tmp_path / "reports").glob("drift-*.html")), sorted((tmp_path / "reports").glob("drift-*.json"))
     assert len(html) == 1 and len(js) == 1
-    assert "Verdict: <b>no drift</b>" in html[0].read_text()
+    page = html[0].read_text()
+    assert "<title>No drift · " in page and 'data-verdict="no drift"' in page
     assert (tmp_path / "reports" / "drift.prom").read_text().count("imgcls_drift_detected{") == 1
 
 
@@ -116,6 +117,9 @@ def test_brightness_shift_is_drift(stored_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 1, out
     assert any(line.startswith("brightness") and line.endswith("YES") for line in out.splitlines()), out
+    # The table says which way each score drifts: p-values fall, the embeddings' AUC rises.
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    assert "p <= thr" in rows["brightness"] and "p < thr" in rows["label"] and "AUC > thr" in rows["embedding"]
 
 
 def test_corrupt_and_truncated_lines_are_skipped_and_counted(stored_model, tmp_path, capsys):
@@ -137,7 +141,7 @@ def test_corrupt_and_truncated_lines_are_skipped_and_counted(stored_model, tmp_p
     code = main(["--log-dir", str(folder), "--out", str(tmp_path / "reports")])
     out = capsys.readouterr().out
     assert code in (0, 1) and f"{len(bad) + 1} skipped" in out
-    assert "were skipped as corrupt or truncated" in next((tmp_path / "reports").glob("*.html")).read_text()
+    assert "were skipped as corrupt or truncated" in next((tmp_path / "reports").glob("drift-*.html")).read_text()
 
 
 def test_mixed_model_tags_are_refused_unless_one_is_chosen(stored_model, tmp_path, capsys):
@@ -212,7 +216,7 @@ def test_large_log_is_sampled_and_judged(stored_model, bentoml_home, tmp_path):
     print(f"python -m drift on 100,000 log rows: {elapsed:.1f} s")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "sampled: 20,000 of 100,000 rows" in proc.stdout
-    assert "sampled: 20,000 of 100,000 rows" in next((tmp_path / "reports").glob("*.html")).read_text()
+    assert "sampled: 20,000 of 100,000 rows" in next((tmp_path / "reports").glob("drift-*.html")).read_text()
 
 
 def test_load_test_and_simulated_traffic_stay_out_of_the_window_unless_asked(stored_model, tmp_path, capsys):
@@ -237,7 +241,7 @@ def test_each_variant_is_judged_against_its_own_reference(stored_model, tmp_path
     assert main(["--log-dir", str(folder), "--out", str(tmp_path / "a")]) == 2
     assert "--variant" in capsys.readouterr().err
     assert main(["--log-dir", str(folder), "--out", str(tmp_path / "b"), "--variant", "fp16"]) == 0
-    assert "(fp16)" in next((tmp_path / "b").glob("*.html")).read_text()
+    assert "(fp16)" in next((tmp_path / "b").glob("drift-*.html")).read_text()
 
 
 def test_help_lists_the_exit_codes_and_the_default_log_folder(capsys):

@@ -7,6 +7,7 @@ reference training stored with the model, real Evidently.
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime
 
@@ -15,10 +16,12 @@ import pandas as pd
 import pytest
 
 from drift.__main__ import main
-from drift.logread import read_log
+from drift.history import load_history
+from drift.logread import LogError, read_log
 from drift.reference import load_reference
 from drift.report import DriftConfig, drift_report
 from drift.simulate import SOURCE, demo_images, simulate
+from imgcls.inference_log import thumbnail_files, thumbnail_name
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -30,8 +33,10 @@ def send(server, model: str, shift: str, n: int, seed: int) -> tuple[datetime, p
     assert result.ok == n, f"{result.errors}\n{server.output()[-3000:]}"
     deadline = time.monotonic() + 30  # the log writer flushes about every second
     while True:
-        exists = server.log_dir.exists()
-        frame = read_log(server.log_dir, since=start, sources=frozenset({SOURCE})).frame if exists else pd.DataFrame()
+        try:
+            frame = read_log(server.log_dir, since=start, sources=frozenset({SOURCE})).frame
+        except LogError:  # the folder or its first file is not there yet
+            frame = pd.DataFrame()
         if len(frame) >= n or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -101,10 +106,41 @@ def test_unfamiliar_images_are_flagged_and_familiar_ones_rarely(server, tiny_mod
     """Through the real service: new images like the training set are seldom flagged, pages of text nearly always.
 
     The session's tiny model barely tells its shapes apart, so its bound is looser than the demo model's
-    (measured in docs/drift.md: 1.3% of new demo images and 100% of pages flagged)."""
+    (measured in docs/drift.md: about 2% of new demo images and 100% of pages flagged)."""
     familiar = simulate(server.url, demo_images(300, 7, tiny_model), "none", seed=7, workers=4)
     pages = simulate(server.url, demo_images(100, 8, tiny_model), "document", seed=8, workers=4)
     assert familiar.ok == 300 and pages.ok == 100
     print(f"unfamiliar: {familiar.unfamiliar_share:.1%} of familiar images, {pages.unfamiliar_share:.1%} of pages")
     assert familiar.unfamiliar_share <= 0.08
     assert pages.unfamiliar_share >= 0.9
+
+
+def test_history_shows_when_the_shift_started_and_the_report_shows_what_was_sent(server, tiny_model, tmp_path):
+    """Healthy traffic, a run of the job, then pages of text and a second run, as a scheduled job would see them.
+
+    The trend page shows both runs, the second drifted; the second report shows the pages themselves, from the
+    thumbnails the service stored when it flagged them as unfamiliar.
+    """
+    out = tmp_path / "reports"
+    job = ["--log-dir", str(server.log_dir), "--out", str(out), "--source", SOURCE, "--since"]
+    start, _ = send(server, tiny_model, "none", 150, seed=4)
+    assert main([*job, start.isoformat()]) == 0
+    start, pages = send(server, tiny_model, "document", 150, seed=5)
+    flagged = {thumbnail_name(r) for r in pages.loc[pages["unfamiliar"] == 1, "request_id"]}
+    assert len(flagged) >= 100, f"only {len(flagged)} of 150 pages were flagged as unfamiliar"
+    deadline = time.monotonic() + 10  # the writer saves thumbnails right after the lines of the same flush
+    while not flagged <= set(thumbnail_files(server.log_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert main([*job, start.isoformat()]) == 1
+
+    runs = load_history(out / "history.jsonl")
+    assert [r["verdict"] for r in runs] == ["no drift", "drift"] and [r["rows"] for r in runs] == [150, 150]
+    assert runs[1]["unfamiliar_share"] > 0.6 > runs[0]["unfamiliar_share"]
+    trend = (out / "history.html").read_text()
+    table = trend[trend.index("Runs, newest first") :]
+    assert table.count(">drift</span>") == 1 and table.count(">no drift</span>") == 1
+    assert table.index(">drift</span>") < table.index(">no drift</span>"), "newest first: the drifted run on top"
+    report = (out / runs[1]["report"]).read_text()
+    assert 'data-verdict="drift"' in report
+    shown = re.findall(r'<img src="data:image/jpeg;base64,[^"]+" alt="request (\w+),', report)
+    assert len(shown) == 8 and {thumbnail_name(r) for r in shown} <= flagged, shown

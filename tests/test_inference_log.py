@@ -23,6 +23,8 @@ from imgcls.inference_log import (
     log_files,
     make_record,
     parse_line,
+    thumbnail_files,
+    thumbnail_name,
 )
 from tests.helpers import ROOT
 
@@ -117,11 +119,17 @@ def test_thumbnails_of_unfamiliar_images_are_saved_small(tmp_path):
 
 
 def test_per_pod_subfolders_are_found(tmp_path):
+    """Log files and thumbnails of every pod's folder are found, by the name the reader derives from the record."""
+    pixels = np.zeros((32, 32, 3), np.uint8)
     for pod in ("pod-a", "pod-b"):
         writer = InferenceLogWriter(tmp_path / pod, flush_interval=0.05)
         writer.write(record(1))
+        # A /classify_batch image's request id has a slash, which cannot be in a file name.
+        writer.write({**record(2), "request_id": f"{pod}/3"}, thumbnail=pixels)
         writer.close()
     assert {f.parent.name for f in log_files(tmp_path)} == {"pod-a", "pod-b"}
+    found = thumbnail_files(tmp_path)
+    assert {found[thumbnail_name(f"{pod}/3")].parent.parent.name for pod in ("pod-a", "pod-b")} == {"pod-a", "pod-b"}
 
 
 WRITER_SCRIPT = """

@@ -281,3 +281,13 @@ def test_locust_finds_the_users_and_the_shape_in_the_folder():
     )
     assert out.returncode == 0, out.stderr
     assert "ImageUser" in out.stdout
+
+
+def test_server_cpu_per_request_is_read_over_each_steps_own_window():
+    from loadtest.run import cpu_per_request
+
+    samples = [(100.0 + t, 0.5 * t) for t in range(21)]  # half a CPU second per second
+    step = {"requests": 250, "window": (105.0, 110.0)}
+    assert cpu_per_request(step, samples) == pytest.approx(10.0)  # 2.5 CPU s over 250 requests
+    assert cpu_per_request({**step, "window": (95.0, 110.0)}, samples) is None  # not covered by the samples
+    assert cpu_per_request({**step, "requests": 0}, samples) is None

@@ -50,6 +50,7 @@ def test_runner_starts_service_and_baseline_measures_both_and_passes_a_lax_gate(
         steps = result["targets"][target]["steps"]
         assert [s["users"] for s in steps] == [1, 2]
         assert all(s["requests"] > 0 and s["p99_ms"] is not None for s in steps)
+        assert all(s["server_cpu_ms_per_request"] > 0 for s in steps), steps  # the runner started both
         # Every answer validated: good images classified correctly, bad inputs refused with a 4xx.
         assert sum(s["failures"] for s in steps) == 0, json.dumps(steps, indent=1)
         names = {n for s in steps for n in s["per_name"]}

@@ -46,3 +46,28 @@ def test_scores_survive_the_trip_through_json_and_bad_entries_are_refused():
         ood.OodDetector.from_dict(broken)
     with pytest.raises(ValueError, match="method"):
         ood.OodDetector.from_dict({**detector.to_dict(), "method": "magic"})
+
+
+def test_rates_tool_scores_every_group_and_variant_of_a_stored_model(tiny_model, tmp_path, capsys):
+    """`python -m training.ood_rates` on the stored tiny model: the demo groups, a folder of one's own, JSON."""
+    from PIL import Image
+
+    from training.ood_rates import main
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 48), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    out = tmp_path / "rates.json"
+    assert main(["--model", tiny_model, "--n", "12", "--images", str(folder), "--json", str(out)]) == 0
+    table = json.loads(out.read_text())
+    groups = [row["group"] for row in table["rows"]]
+    assert groups[:4] == ["new demo images (familiar)", "demo classes never trained on",
+                          "pages of text (document shift)", "crops of real photographs"]  # fmt: skip
+    assert groups[4] == f"images in {folder}" and table["rows"][4]["images"] == 12
+    for row in table["rows"]:
+        for variant in ("fp32", "int8"):
+            assert 0.0 <= row[variant]["share"] <= 1.0
+    assert table["rows"][2]["int8"]["share"] >= 0.9  # pages of text, even for the barely trained tiny model
+    assert "crops of real photographs" in capsys.readouterr().out
+    assert main(["--model", "no-such-model:latest"]) == 2

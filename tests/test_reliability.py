@@ -156,9 +156,10 @@ def costly_images(url: str, seconds: float) -> None:
 
 
 def worker_pids(srv) -> list[int]:
-    """The API worker processes of a server (the children that are not the shared model process)."""
+    """The API worker processes of a server (not the shared model process, nor helpers such as the costly-image
+    decoder and multiprocessing's resource tracker)."""
     children = psutil.Process(srv.proc.pid).children(recursive=True)
-    return [c.pid for c in children if "shared_model" not in " ".join(c.cmdline())]
+    return [c.pid for c in children if "--service-name image_classifier" in " ".join(c.cmdline())]
 
 
 def logged_ids(folder: Path) -> set[str]:

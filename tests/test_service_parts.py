@@ -426,3 +426,16 @@ def test_latency_after_a_burst_is_back_to_idle_at_once():
         return time.monotonic() - started
 
     assert run(go()) < 0.05
+
+
+def test_a_slow_model_with_room_for_big_batches_does_not_shed_a_second_caller():
+    """The wait a caller would face is counted in images ahead of it, not in full batches: two callers of a
+    30 ms-per-image model are far from a 1 s budget, however large a batch could be."""
+    model = FakeModel(delay=0.03)
+
+    async def go():
+        batcher = Batcher(in_process(model), max_batch_size=64, max_wait_s=1.0)
+        await batcher(np.zeros((1, 2), np.uint8))  # the time per image is known from here on
+        return await asyncio.gather(*(batcher(np.zeros((1, 2), np.uint8)) for _ in range(3)), return_exceptions=True)
+
+    assert all(isinstance(r, np.ndarray) for r in run(go()))
