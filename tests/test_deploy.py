@@ -179,10 +179,10 @@ def test_every_pod_logs_to_its_own_folder_on_the_shared_volume(overlay):
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     # The drift job reads the same claim at the same path.
     job_pod = one(render("jobs"), "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    job_volume = next(v for v in job_pod["volumes"] if "persistentVolumeClaim" in v)
-    assert job_volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     drift = job_pod["containers"][0]
-    assert any(m["mountPath"] == LOG_MOUNT and m["name"] == job_volume["name"] for m in drift["volumeMounts"])
+    job_mount = next(m for m in drift["volumeMounts"] if m["mountPath"] == LOG_MOUNT)
+    job_volume = next(v for v in job_pod["volumes"] if v["name"] == job_mount["name"])
+    assert job_volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"] and job_mount["readOnly"]
     assert f"--log-dir {LOG_MOUNT}" in drift["args"][0] and '--pushgateway "$PUSHGATEWAY_URL"' in drift["args"][0]
 
 
@@ -346,8 +346,9 @@ def kube_play_deployment(image: str, port: int, log_root: Path) -> tuple[list[di
     return objects, pod_name
 
 
-def kube_play_cronjob(service_image: str, jobs_image: str, log_root: Path, pushgateway: str) -> list[dict]:
-    """The drift CronJob's pod as a bare Pod (podman runs no CronJobs), with its ConfigMap."""
+def kube_play_cronjob(service_image: str, jobs_image: str, claims: dict[str, Path], pushgateway: str) -> list[dict]:
+    """The drift CronJob's pod as a bare Pod (podman runs no CronJobs), with its ConfigMap; ``claims`` maps each
+    PersistentVolumeClaim it mounts to a host folder."""
     objects = render("jobs")
     config = json.loads(json.dumps(one(objects, "ConfigMap")))
     config["data"]["PUSHGATEWAY_URL"] = pushgateway
@@ -358,8 +359,8 @@ def kube_play_cronjob(service_image: str, jobs_image: str, log_root: Path, pushg
     spec["containers"][0]["image"] = jobs_image
     for volume in spec["volumes"]:
         if "persistentVolumeClaim" in volume:
-            del volume["persistentVolumeClaim"]
-            volume["hostPath"] = {"path": str(log_root), "type": "Directory"}
+            claim = volume.pop("persistentVolumeClaim")["claimName"]
+            volume["hostPath"] = {"path": str(claims[claim]), "type": "Directory"}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"imgcls-drift-{uuid.uuid4().hex[:6]}"}}
     return [config, {**pod, "spec": spec}]
 
@@ -470,9 +471,11 @@ def test_drift_cronjob_pod_judges_the_pod_log_and_pushes_to_a_pushgateway(played
         [binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )
     manifest = tmp_path / "drift.yaml"
-    objects = kube_play_cronjob(
-        f"localhost/{cpu_image}", jobs_image, played_pod["log_root"], f"http://127.0.0.1:{port}"
-    )
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    os.chown(reports, 1034, 1034)  # what fsGroup makes of a fresh volume
+    claims = {"imgcls-inference-log": played_pod["log_root"], "imgcls-drift-reports": reports}
+    objects = kube_play_cronjob(f"localhost/{cpu_image}", jobs_image, claims, f"http://127.0.0.1:{port}")
     manifest.write_text(yaml.safe_dump_all(objects))
     box = f"{objects[-1]['metadata']['name']}-drift"
     try:
@@ -488,6 +491,9 @@ def test_drift_cronjob_pod_judges_the_pod_log_and_pushes_to_a_pushgateway(played
         assert f'imgcls_drift_judged{{instance="",job="imgcls_drift",model="{model}"}} 1' in pushed
         rows = f'imgcls_drift_rows_current{{instance="",job="imgcls_drift",model="{model}"}} {len(played_pod["ids"])}'
         assert rows in pushed
+        # The report and the run history stay on their volume for the next runs and for people.
+        assert len((reports / "history.jsonl").read_text().splitlines()) == 1 and (reports / "history.html").exists()
+        assert len(list(reports.glob("drift-*.html"))) == 1
     finally:
         podman("kube", "down", str(manifest), check=False)
         gateway.terminate()
