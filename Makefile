@@ -60,7 +60,13 @@ container: stored-model ## build the Bento and its GPU image (podman, or docker 
 container-cpu: stored-model ## the same with the CPU-only onnxruntime: a much smaller image for CPU nodes
 	BIN=$(BIN) bash container/build.sh bentofile.cpu.yaml
 
-test-container: setup container-base ## build the CPU image from a tiny model, run it, test uploads, metrics, SIGTERM
+container-jobs: ## the jobs image (deploy/jobs/Containerfile): drift and Locust, without the model or onnxruntime
+	bash container/build-jobs.sh
+
+deploy-render: ## print the Kubernetes objects of deploy/cpu, deploy/gpu, deploy/jobs and deploy/monitoring
+	@for d in cpu gpu jobs monitoring; do echo "# ---- kubectl kustomize deploy/$$d"; kubectl kustomize deploy/$$d; done
+
+test-container: setup system-deps container-base ## build the images, run them with podman (and kube play the manifests)
 	$(BIN)/pytest -m container
 
 test-reliability: setup system-deps ## attacks and failures beside a normal client (about 2 minutes; docs/reliability.md)
@@ -84,4 +90,4 @@ clean: ## remove caches and generated outputs (keeps .venv and the model store)
 	rm -rf .pytest_cache .ruff_cache build runs reports results .monitor
 
 .PHONY: help setup system-deps train demo serve monitor test bench audit lint clean stored-model container-base \
-	container container-cpu test-container test-reliability
+	container container-cpu container-jobs deploy-render test-container test-reliability

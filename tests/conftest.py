@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from imgcls.onnx_run import cuda_usable
-from tests.helpers import start_server, tiny_config
+from tests.helpers import ROOT, podman, start_server, tiny_config
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,3 +51,23 @@ def server(tiny_model, tmp_path_factory):
     srv = start_server(".", {"IMGCLS_MODEL": tiny_model, "IMGCLS_DEVICE": "cpu"}, tmp_path_factory.mktemp("server"))
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def cpu_image(tiny_model):
+    """``container/build.sh bentofile.cpu.yaml`` with the tiny model: the image tag; the image is removed after.
+
+    For the tests marked ``container`` (tests/test_container.py, tests/test_deploy.py): built once per run.
+    """
+    env = {**os.environ, "IMGCLS_MODEL": tiny_model, "BIN": str(Path(sys.executable).parent)}
+    start = time.monotonic()
+    build = subprocess.run(
+        ["bash", "container/build.sh", "bentofile.cpu.yaml"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=1800,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout[-6000:] + build.stderr[-6000:]
+    tag = build.stdout.strip().splitlines()[-1]
+    assert tag.startswith("image-classifier-service-cpu:"), build.stdout[-2000:]
+    print(f"\nbuilt {tag} in {time.monotonic() - start:.0f}s")
+    yield tag
+    podman("rmi", "-f", tag, check=False)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import functools
 import io
+import os
+import shutil
 import struct
+import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+import pytest
 import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -147,3 +151,34 @@ def assert_error(resp: requests.Response, status: int, code: str) -> None:
     if url.path in ("/classify", "/classify_batch"):
         documented = documented_errors(f"{url.scheme}://{url.netloc}", url.path).get(str(status), "")
         assert f"`{code}`" in documented, f"/docs.json does not document {status} {code} for {url.path}"
+
+
+def why_no_podman(kube_play: bool = False) -> str | None:
+    """Why the container tests cannot run here (None when they can)."""
+    if shutil.which("podman") is None:
+        return "podman is not installed (`make test-container` installs it and the base image)"
+    if os.geteuid() != 0:
+        return "needs root: podman runs as root here, and the test hands the log folder to the container's user"
+    if kube_play and shutil.which("catatonit") is None:
+        return "podman kube play needs catatonit for its pause container (container/base.sh installs it)"
+    return None
+
+
+def in_container(test=None, *, kube_play: bool = False):
+    """Marks for a test that builds or runs an image (``kube_play=True``: runs manifests with podman kube play)."""
+
+    def mark(test):
+        reason = why_no_podman(kube_play)
+        for marker in (pytest.mark.container, pytest.mark.slow, pytest.mark.integration):
+            test = marker(test)
+        return pytest.mark.skipif(reason is not None, reason=reason or "")(test)
+
+    return mark if test is None else mark(test)
+
+
+def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run podman; AssertionError with its output when it fails and ``check``."""
+    proc = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc

@@ -1,6 +1,7 @@
 """The CPU container image, built the way `make container-cpu` builds it and run with podman as in production.
 
-``container/build.sh bentofile.cpu.yaml`` builds the image from the tiny test model; each container is started with
+``container/build.sh bentofile.cpu.yaml`` builds the image from the tiny test model (the ``cpu_image`` fixture in
+tests/conftest.py, shared with tests/test_deploy.py); each container is started with
 ``podman run -p 127.0.0.1:PORT:3000`` and a host folder mounted at the documented inference-log path. Needs podman
 and root (``make test-container`` installs podman and the base image first); skipped without them.
 """
@@ -10,9 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -24,34 +22,11 @@ import yaml
 from PIL import Image
 
 from loadtest.servers import free_port
-from tests.helpers import ROOT
+from tests.helpers import ROOT, in_container, podman
 
 LOG_DIR = "/data/inference_log"  # IMGCLS_LOG_DIR in both bentofiles' envs
 BENTO_UID = 1034  # the user `bentoml` of BentoML 1.4.39's generated Dockerfile (USER bentoml, uid and gid 1034)
 BENTO_PATH = "/home/bentoml/bento"  # where that Dockerfile puts the Bento; models under models/<name>/<version>/
-
-
-def _why_no_podman() -> str | None:
-    if shutil.which("podman") is None:
-        return "podman is not installed (`make test-container` installs it and the base image)"
-    if os.geteuid() != 0:
-        return "needs root: podman runs as root here, and the test hands the log folder to the container's user"
-    return None
-
-
-def in_container(test):
-    """Marks for a test that builds or runs the image."""
-    skip = pytest.mark.skipif(_why_no_podman() is not None, reason=_why_no_podman() or "")
-    for mark in (pytest.mark.container, pytest.mark.slow, pytest.mark.integration, skip):
-        test = mark(test)
-    return test
-
-
-def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"podman {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    return proc
 
 
 def encoded(fmt: str, size: tuple[int, int] = (320, 240)) -> bytes:
@@ -138,23 +113,6 @@ def test_cpu_bentofile_is_the_gpu_one_with_the_cpu_onnxruntime():
         del bentofile["name"], bentofile["description"]
     assert cpu == gpu
     assert {"name": "IMGCLS_LOG_DIR", "value": LOG_DIR} in gpu["envs"]
-
-
-@pytest.fixture(scope="module")
-def cpu_image(tiny_model):
-    """``container/build.sh bentofile.cpu.yaml`` with the tiny model: the image tag; the image is removed after."""
-    env = {**os.environ, "IMGCLS_MODEL": tiny_model, "BIN": str(Path(sys.executable).parent)}
-    start = time.monotonic()
-    build = subprocess.run(
-        ["bash", "container/build.sh", "bentofile.cpu.yaml"], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=1800,
-    )  # fmt: skip
-    assert build.returncode == 0, build.stdout[-6000:] + build.stderr[-6000:]
-    tag = build.stdout.strip().splitlines()[-1]
-    assert tag.startswith("image-classifier-service-cpu:"), build.stdout[-2000:]
-    print(f"\nbuilt {tag} in {time.monotonic() - start:.0f}s")
-    yield tag
-    podman("rmi", "-f", tag, check=False)
 
 
 @pytest.fixture(scope="module")
