@@ -11,15 +11,19 @@ from pathlib import Path
 
 from loadtest.stepstats import headline, meets_slo
 
+#: The CPU features that decide how fast int8 and fp32 kernels run (onnxruntime picks its kernels by them).
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16")
+
 
 def machine_info() -> dict:
     """Where the numbers came from: cores, CPU model, memory, GPU (if any) and library versions."""
-    cpu = ""
+    cpu, flags = "", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and not cpu:
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = [f for f in line.split(":", 1)[1].split() if f in SIMD_FLAGS]
     except OSError:
         cpu = platform.processor()
     mem_gib = None
@@ -40,6 +44,7 @@ def machine_info() -> dict:
     return {
         "cores": os.cpu_count(),
         "cpu": cpu,
+        "cpu_flags": flags,
         "memory_gib": mem_gib,
         "gpu": gpu,
         "os": platform.platform(),
@@ -129,8 +134,8 @@ def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     gpu = m["gpu"] or "no GPU"
     lines = [
-        f"Machine: {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {gpu}; "
-        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"Machine: {m['cores']} cores ({m['cpu']}; {' '.join(m.get('cpu_flags') or ['no AVX2'])}), "
+        f"{m['memory_gib']} GiB, {gpu}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         "",
         f"Command: `{result['command']}`",
         "",

@@ -5,11 +5,13 @@ first, which is more often the busy one: its loop is already awake. Measured on 
 reconnect now and then, the split went from 4+4 to 0+8 within 20 s, one worker queueing every request while the
 other idled (p99 190 ms where a thread-per-request server held 100 ms).
 
-So each API worker counts its open connections in its slot of a small shared file that the supervisor creates
-(:func:`create`), and a worker holding clearly more than the least loaded one closes a connection after its
-response (``Connection: close``, see ``service/middleware.py``): the client reconnects, and a few such rounds
-even the counts out. A worker that died leaves its count behind until its replacement resets the slot; a
-stale count only makes the others less eager to close, never more.
+So each API worker counts its working connections (those that sent a whole request, ``service/http_protocol.py``)
+in its slot of a small shared file that the supervisor creates (:func:`create`), and a worker holding clearly
+more than the least loaded one closes a connection after its response (``Connection: close``, see
+``service/middleware.py``), one every ``CLOSE_INTERVAL_S`` at most, so that the responses in flight do not all
+close at once: the client reconnects, and a few such rounds even the counts out. A worker that died leaves its
+count behind until its replacement resets the slot; a stale count only makes the others less eager to close,
+never more.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import mmap
 import os
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 #: Where the supervisor tells the workers the file is.
 CENSUS_FILE = "IMGCLS_CONNECTION_CENSUS"
 SLOT_BYTES = 4
+#: A crowded worker closes at most one connection this often.
+CLOSE_INTERVAL_S = 0.1
 
 
 def create(workers: int) -> None:
@@ -50,6 +55,7 @@ class Census:
             raise ValueError(f"worker slot {slot} outside the census of {len(self.counts)} workers")
         self.slot = slot
         self.counts[slot] = 0  # a replacement worker starts with no connections
+        self._last_close = float("-inf")
 
     def add(self, delta: int) -> None:
         self.counts[self.slot] += delta  # only this process writes its slot
@@ -59,6 +65,14 @@ class Census:
         counts = self.counts.tolist()
         mine = counts.pop(self.slot)
         return bool(counts) and mine - min(counts) >= max(2, mine // 8)
+
+    def close_one(self, now: float | None = None) -> bool:
+        """Whether to close the connection whose response is going out: crowded, and none closed just before."""
+        now = time.monotonic() if now is None else now
+        if now - self._last_close < CLOSE_INTERVAL_S or not self.crowded():
+            return False
+        self._last_close = now
+        return True
 
 
 #: Set in each API worker by :func:`join`; None elsewhere and when the census is unavailable.

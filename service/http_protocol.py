@@ -4,8 +4,9 @@
   buffers, or trickle them for ever. :class:`LimitedHttpToolsProtocol` counts the bytes of each request's head
   as they arrive and answers 431 (too large, too many fields) or 408 (too slow) with the service's JSON error,
   then closes the connection, before any of it reaches the application.
-- **Balance**: each connection is counted in this worker's slot of the connection census
-  (``service/balance.py``) while it is open.
+- **Balance**: a connection is counted in this worker's slot of the connection census (``service/balance.py``)
+  from its first complete request until it closes. One still sending its first head or body is not: a hundred
+  slow clients on one worker must not make it push its working clients away.
 - **Shutdown**: uvicorn closes idle keep-alive connections at once when it stops, and a client whose next
   request was already on its way got a reset. Here an idle connection is given ``IDLE_GRACE_S`` to bring that
   request, which is served with ``Connection: close``.
@@ -48,12 +49,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refusal: tuple[int, str, str] | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._shutting_down = False
-        self._census = balance.CENSUS  # the census it was counted in, if any
+        self._census: balance.Census | None = None  # the census it is counted in, once it sent a whole request
 
     def connection_made(self, transport: t.Any) -> None:
         super().connection_made(transport)
-        if self._census is not None:
-            self._census.add(1)
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_too_slow)
 
     def _stop_head_timer(self) -> None:
@@ -135,6 +134,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._expect_head = True
+        if self._census is None and balance.CENSUS is not None:
+            self._census = balance.CENSUS
+            self._census.add(1)
         super().on_message_complete()
 
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -63,7 +63,7 @@ class KeepAliveLimit:
         if scope["type"] != "http" or not scope.get("client"):
             return await self.app(scope, receive, send)
         census = balance.CENSUS
-        if not (census is not None and census.crowded()) and not self._last_request(tuple(scope["client"])):
+        if not self._last_request(tuple(scope["client"])) and not (census is not None and census.close_one()):
             return await self.app(scope, receive, send)
 
         async def closing(message: Message) -> None:

@@ -218,7 +218,7 @@ def test_census_says_crowded_only_when_clearly_above_the_least_loaded_worker(tmp
         balance.Census(path, 3)
 
 
-def test_crowded_worker_closes_every_connection_after_its_response(tmp_path, monkeypatch):
+def test_crowded_worker_closes_a_connection_after_its_response_one_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(balance.tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv(balance.CENSUS_FILE, raising=False)
     balance.create(2)
@@ -231,7 +231,11 @@ def test_crowded_worker_closes_every_connection_after_its_response(tmp_path, mon
 
     mine.add(2)
     assert run(go()) == "close"
+    assert run(go()) is None  # one close per CLOSE_INTERVAL_S: the responses in flight do not all close
+    time.sleep(balance.CLOSE_INTERVAL_S)
+    assert run(go()) == "close"
     mine.add(-1)
+    time.sleep(balance.CLOSE_INTERVAL_S)
     assert run(go()) is None
 
 
