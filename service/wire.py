@@ -4,8 +4,8 @@
 arrays into lists of numbers (about 4x the bytes of a uint8 batch, and slow to parse). So the
 model service's API declares :class:`NpyArray` as its input and output spec: the client sends the
 array as raw NumPy ``.npy`` bytes (dtype and shape in a small header, then the data), the server
-reads it back with ``allow_pickle=False`` and zero copies, and BentoML's adaptive batching
-concatenates the arrays as usual.
+reads it back with ``allow_pickle=False`` and zero copies, and the model process's batcher
+(``service/batching.py``) joins the arrays of several calls into one model batch.
 """
 
 from __future__ import annotations
