@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         since = parse_since(args.since) if args.since else None
         data = read_log(args.log_dir, since, args.last, args.model, args.variant, sources)
         print(
-            f"log {args.log_dir}: {data.lines:,} lines in {len(data.files)} files, {data.skipped:,} skipped (corrupt "
-            f"or truncated), {data.outside_window:,} outside the window, {data.other_sources:,} of other traffic "
-            f"sources, {data.other_models:,} of other models or variants"
+            f"log {args.log_dir}: {data.lines:,} lines in {len(data.files) - data.files_before_window} files "
+            f"({data.files_before_window} last written before the window, not read), {data.skipped:,} skipped "
+            f"(corrupt or truncated), {data.outside_window:,} outside the window, {data.other_sources:,} of other "
+            f"traffic sources, {data.other_models:,} of other models or variants"
         )
         thumbnails = most_unfamiliar(data.frame, args.log_dir, args.thumbnails) if args.thumbnails > 0 else None
         if data.model is not None:

@@ -38,7 +38,8 @@ class LogData:
     variant: str | None = None  # the one variant of the rows (None when there are no rows, or version 1 lines)
     lines: int = 0  # non-empty lines read
     skipped: int = 0  # corrupt, truncated or invalid lines
-    outside_window: int = 0  # valid rows left out by --since / --last
+    outside_window: int = 0  # valid rows left out by --since / --last (in the files read)
+    files_before_window: int = 0  # files last written before --since: not read at all
     other_sources: int = 0  # valid rows of traffic sources not judged (load tests, simulations)
     other_models: int = 0  # valid rows of models (or variants) other than --model (--variant)
     models: dict[str, int] = field(default_factory=dict)  # rows per model tag in the window
@@ -96,8 +97,15 @@ def read_log(
     files = find_log_files(path)
     if not files:
         raise LogError(f"no inference log files (*.jsonl) in {path}: is the service writing there (IMGCLS_LOG_DIR)?")
+    # A line is written at most a flush interval after its request, so a file last written before the window
+    # holds no row of it: an hourly --since 1h run reads the last hour's files, not two weeks of them.
+    older = set()
+    if since is not None:
+        older = {f for f in files if datetime.fromtimestamp(f.stat().st_mtime, UTC) < since}
     records, lines, skipped = [], 0, 0
     for file in files:
+        if file in older:
+            continue
         with open(file, "rb") as f:
             for line in f:
                 if not line.strip():
@@ -108,7 +116,7 @@ def read_log(
                     skipped += 1
                 else:
                     records.append(record)
-    data = LogData(frame=pd.DataFrame(), model=None, files=files, lines=lines)
+    data = LogData(frame=pd.DataFrame(), model=None, files=files, lines=lines, files_before_window=len(older))
     if records:
         # One model has one embedding size; a record with another length is damaged, not a different model.
         dims = Counter(len(r["embedding"]) for r in records)

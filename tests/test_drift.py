@@ -9,6 +9,7 @@ by the real job with real Evidently. The model store lookup is real too (a model
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,20 @@ def test_window_since_and_last(stored_model, tmp_path):
     assert parse_since("2025-01-01T00:00") == T0
     with pytest.raises(LogError, match="duration"):
         parse_since("yesterday")
+
+
+def test_files_last_written_before_the_window_are_not_read(stored_model, tmp_path):
+    """An hourly run over two weeks of log reads the last hour's files only (a file's mtime is its last line's)."""
+    old, new = tmp_path / "log" / "inference-1.jsonl", tmp_path / "log" / "inference-2.jsonl"
+    write_log(old, synthetic_rows(100, seed=7), stored_model)  # rows at T0 .. T0 + 99 s
+    write_log(new, synthetic_rows(150, seed=8), stored_model, start=T0 + timedelta(hours=1))
+    for path, last_row in ((old, T0 + timedelta(seconds=99)), (new, T0 + timedelta(hours=1, seconds=149))):
+        stamp = (last_row + timedelta(seconds=1)).timestamp()  # flushed within a second of its last row
+        os.utime(path, (stamp, stamp))
+    data = read_log(tmp_path / "log", since=T0 + timedelta(minutes=30))
+    assert len(data.frame) == 150 and data.files_before_window == 1 and data.lines == 150
+    everything = read_log(tmp_path / "log", since=T0 + timedelta(seconds=50))
+    assert len(everything.frame) == 200 and everything.outside_window == 50 and everything.files_before_window == 0
 
 
 def test_unknown_model_in_log_says_where_to_look(bentoml_home, tmp_path, capsys):
