@@ -86,8 +86,10 @@ lint: setup ## format and lint
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-clean: ## remove caches and generated outputs (keeps .venv and the model store)
+clean: ## remove caches and generated outputs (keeps .venv, the model store and the inference log)
 	rm -rf .pytest_cache .ruff_cache build runs reports results .monitor
+	@if [ -x $(PY) ]; then echo "kept: the model store and the inference log, $$($(PY) -c \
+	  'from imgcls.inference_log import default_log_dir; print(default_log_dir())')"; fi
 
 .PHONY: help setup system-deps train demo serve monitor test bench audit lint clean stored-model container-base \
 	container container-cpu container-jobs deploy-render test-container test-reliability

@@ -60,6 +60,16 @@ def test_runner_starts_service_and_baseline_measures_both_and_passes_a_lax_gate(
     assert metrics["rejected_total"] > 0  # the bad inputs, counted by the service itself
     assert metrics["model_info"]["variant"] == "int8"  # the CPU default, as the service reports it
 
+    # A new user's next step, `python -m drift --since 1m`, judges production traffic only: the load test's rows
+    # are marked as such, so it reports that there is nothing to judge (2), never drift (1).
+    drift = subprocess.run(
+        [sys.executable, "-m", "drift", "--log-dir", str(out / "service" / "inference_log"), "--since", "1m",
+         "--out", str(tmp_path / "drift")],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert drift.returncode == 2, drift.stdout[-2000:] + drift.stderr[-2000:]
+    assert "no valid rows of production" in drift.stderr and "sources found: loadtest" in drift.stderr
+
 
 def test_runner_exits_non_zero_when_the_gate_cannot_be_met(server, tmp_path):
     out = tmp_path / "bench"
