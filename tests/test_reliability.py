@@ -158,8 +158,14 @@ def costly_images(url: str, seconds: float) -> None:
 def worker_pids(srv) -> list[int]:
     """The API worker processes of a server (not the shared model process, nor helpers such as the costly-image
     decoder and multiprocessing's resource tracker)."""
-    children = psutil.Process(srv.proc.pid).children(recursive=True)
-    return [c.pid for c in children if "--service-name image_classifier" in " ".join(c.cmdline())]
+    workers = []
+    for child in psutil.Process(srv.proc.pid).children(recursive=True):
+        try:
+            if "--service-name image_classifier" in " ".join(child.cmdline()):
+                workers.append(child.pid)
+        except psutil.Error:  # gone, or a killed worker its supervisor has not reaped yet
+            continue
+    return workers
 
 
 def logged_ids(folder: Path) -> set[str]:
@@ -317,8 +323,12 @@ def test_a_killed_supervisor_takes_its_workers_with_it_and_the_port_is_free(tiny
     print(f"supervisor killed: its {len(children)} workers gone after {gone:.1f} s")
     assert not any(c.is_running() and c.status() != "zombie" for c in children)
     port = int(srv.url.rsplit(":", 1)[1])
-    with socket.socket() as s:  # the port can be bound again
+    # The port can be listened on again, as the next `bentoml serve` would: with SO_REUSEADDR, as circus sets it,
+    # so connections the server closed (TIME_WAIT) do not count, while a listener left behind would.
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+        s.listen()
 
 
 def test_sigterm_under_load_answers_every_accepted_request_and_logs_it(tiny_model, tmp_path):
