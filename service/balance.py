@@ -35,7 +35,11 @@ CLOSE_INTERVAL_S = 0.1
 
 def create(workers: int) -> None:
     """In the supervisor, before it starts the API workers: a zeroed slot per worker, removed at exit."""
-    fd, path = tempfile.mkstemp(prefix="imgcls-connections-")
+    try:
+        fd, path = tempfile.mkstemp(prefix="imgcls-connections-")
+    except OSError as exc:  # no writable temporary folder: serve anyway, unbalanced
+        log.warning("connection balancing off: %s", exc)
+        return
     try:
         os.ftruncate(fd, SLOT_BYTES * max(1, workers))
     finally:

@@ -52,8 +52,8 @@ def _path(scope: Scope) -> str:
 
 
 class KeepAliveLimit:
-    """``Connection: close`` on the ``max_requests``-th response of a connection (0: no limit), and on any response
-    while this worker holds more than its share of the connections (``service/balance.py``)."""
+    """``Connection: close`` on the ``max_requests``-th response of a connection (0: no limit), and on one response
+    every ``balance.CLOSE_INTERVAL_S`` while this worker holds more than its share of the connections."""
 
     def __init__(self, app: ASGIApp, max_requests: int):
         self.app, self.max_requests = app, max_requests

@@ -191,11 +191,10 @@ def cpu_count(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
         cores = os.cpu_count() or 1
     try:
         quota, period = Path(cgroup_cpu_max).read_text().split()[:2]
-    except (OSError, ValueError):  # no cgroup v2 here
+        limit = cores if quota == "max" else math.ceil(int(quota) / int(period))
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2 here, or a file we cannot read as one
         return cores
-    if quota == "max":
-        return cores
-    return max(1, min(cores, math.ceil(int(quota) / int(period))))
+    return max(1, min(cores, limit))
 
 
 def help_text() -> str:

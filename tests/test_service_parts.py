@@ -241,7 +241,15 @@ def test_crowded_worker_closes_a_connection_after_its_response_one_at_a_time(tmp
 
 @pytest.mark.parametrize(
     ("cpu_max", "cores"),
-    [("max 100000", None), ("200000 100000", 2), ("150000 100000", 2), ("50000 100000", 1), ("garbage", None)],
+    [
+        ("max 100000", None),
+        ("200000 100000", 2),
+        ("150000 100000", 2),
+        ("50000 100000", 1),
+        ("garbage", None),
+        ("a 100000", None),
+        ("100000 0", None),
+    ],
 )
 def test_cpu_count_follows_a_cgroup_quota_below_the_cores(tmp_path, cpu_max, cores):
     available = cpu_count(str(tmp_path / "absent"))
