@@ -5,7 +5,9 @@ every slot is busy wait, and go together as the next call (up to ``max_batch_siz
 model, the bigger the batches, with no queue delay and nothing learned that could outlast a burst (as
 Triton's dynamic batcher behaves with no ``max_queue_delay``). The same batcher serves both placements:
 
-- a model in every API worker: one call at a time on the worker's own session (:func:`in_process`);
+- a model in every API worker: one call at a time on the worker's own session (:func:`in_process`); a lone
+  request that finds it idle may also run the model itself, in the thread that decoded its image
+  (:meth:`Batcher.holding`), saving a thread hand-off;
 - one shared model process (GPU): each API worker keeps ``hop_in_flight`` hop calls going to it, and the
   model process batches the hop calls of all workers again with one call at a time on the GPU.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 import typing as t
 from dataclasses import dataclass
@@ -51,6 +54,13 @@ def in_process(model: Model) -> Call:
 
 
 @dataclass
+class Held:
+    """A call slot taken with :meth:`Batcher.holding`."""
+
+    seconds: float = 0.0  # the model time of the call made in it
+
+
+@dataclass
 class _Waiting:
     pixels: np.ndarray
     future: asyncio.Future
@@ -80,6 +90,29 @@ class Batcher:
         self._waiting_images += len(pixels)
         self._dispatch()
         return await future
+
+    def idle(self) -> bool:
+        """A call slot is free and nobody waits: a caller may take it and run the model itself (:meth:`holding`)."""
+        return self._in_flight < self.max_in_flight and not self._waiting
+
+    @contextlib.contextmanager
+    def holding(self, images: int) -> t.Iterator[Held]:
+        """A call slot for a model call of ``images`` images that the caller runs itself; take it only when
+        :meth:`idle`. Callers that arrive meanwhile wait, and go together when it is released. Set ``seconds`` on
+        the yielded :class:`Held` to the call's model time, for the shedding estimate."""
+        if not self.idle():
+            raise RuntimeError("Batcher.holding() needs an idle batcher")
+        self._in_flight += 1
+        self._running_images += images
+        held = Held()
+        try:
+            yield held
+        finally:
+            if held.seconds:
+                self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * held.seconds / images
+            self._in_flight -= 1
+            self._running_images -= images
+            self._dispatch()
 
     def _expected_wait(self, images: int) -> float:
         """Seconds until ``images`` more would be done, after every image waiting or running now (a batch's time

@@ -19,6 +19,7 @@ import logging
 import multiprocessing
 import os
 import time
+import typing as t
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
@@ -82,25 +83,39 @@ class Decoder:
         self._last_ordinary = float("-inf")
 
     async def __call__(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        start = time.perf_counter()
+        pixels, stats, _ = await self.decode_then(data, None)
+        return pixels, stats
+
+    async def decode_then(
+        self, data: bytes, then: t.Callable[[np.ndarray], np.ndarray] | None
+    ) -> tuple[np.ndarray, dict[str, float], np.ndarray | None]:
+        """Decode one upload and, for an ordinary image, run ``then(pixels[None])`` right after in the same thread:
+        one hand-off instead of two. The third item is what ``then`` returned; None without ``then``, or for a
+        costly image (decoded in its own lane, so ``then`` is left to the caller)."""
         img = open_image(data, self.limits)
         size = upright_size(img)  # before draft shrinks img.size
         loop = asyncio.get_running_loop()
         if plan_decode(img, self.spec, self.limits) > self.costly_pixels:
+            start = time.perf_counter()
             async with self._costly_turn:
                 pixels, stats, cpu = await loop.run_in_executor(self.costly, decode, data, self.spec, self.limits)
-                decoded = pixels, stats
                 if time.monotonic() - self._last_ordinary < RECENT_S:
                     await asyncio.sleep(cpu * (1 / COSTLY_CPU_SHARE - 1))
+            seconds, out = time.perf_counter() - start, None
         else:
             self._last_ordinary = time.monotonic()
-            decoded = await loop.run_in_executor(self.fast, self._decode, img, size)
-        metrics.get().preprocess_seconds.observe(time.perf_counter() - start)
-        return decoded
+            pixels, stats, seconds, out = await loop.run_in_executor(self.fast, self._decode, img, size, then)
+        metrics.get().preprocess_seconds.observe(seconds)
+        return pixels, stats, out
 
-    def _decode(self, img: Image.Image, size: tuple[int, int]) -> tuple[np.ndarray, dict[str, float]]:
+    def _decode(
+        self, img: Image.Image, size: tuple[int, int], then: t.Callable[[np.ndarray], np.ndarray] | None
+    ) -> tuple[np.ndarray, dict[str, float], float, np.ndarray | None]:
+        start = time.perf_counter()
         pixels = resize(to_rgb(img, self.spec), self.spec)
-        return pixels, image_stats(pixels, size)
+        stats = image_stats(pixels, size)
+        seconds = time.perf_counter() - start
+        return pixels, stats, seconds, None if then is None else then(pixels[None])
 
     def close(self) -> None:
         self.fast.shutdown(wait=False)

@@ -79,12 +79,12 @@ def check_stored_model(folder: str | Path, plan: Plan, settings: Settings) -> No
 
 
 async def classify_test_image(service: t.Any) -> None:
-    """The test image through this worker's decoder, batcher and model; waits while a shared model starts."""
-    pixels, stats = await service.prepare(test_image())
+    """The test image through this worker's decoder, batcher and model, as /classify runs one; waits while a shared
+    model starts."""
     deadline = time.monotonic() + SHARED_MODEL_WAIT_S
     while True:
         try:
-            rows = await service.batcher(pixels[None])
+            _, stats, rows = await service.run_one(test_image())
             break
         except ApiError as err:  # the shared model process is not up yet
             if err.status not in (503, 504) or time.monotonic() > deadline:

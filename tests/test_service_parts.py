@@ -462,6 +462,31 @@ def test_in_process_batches_keep_each_callers_rows():
     assert len(model.batches) < len(inputs)  # batches were formed
 
 
+def test_a_caller_holding_the_idle_model_makes_later_callers_wait_and_batch():
+    """A lone request runs the model in its decode thread (Batcher.holding); those arriving meanwhile go together."""
+    model = FakeModel(delay=0.02)
+
+    async def go():
+        batcher = Batcher(in_process(model), max_batch_size=8, max_wait_s=10)
+        assert batcher.idle()
+        with batcher.holding(1) as held:
+            assert not batcher.idle()
+            with pytest.raises(RuntimeError):
+                with batcher.holding(1):
+                    pass
+            later = [asyncio.ensure_future(batcher(np.full((1, 2), i, np.uint8))) for i in range(3)]
+            await asyncio.sleep(0.05)
+            assert not any(f.done() for f in later) and model.batches == []  # waiting for the slot
+            held.seconds = await asyncio.to_thread(lambda: (model.infer(np.zeros((1, 2), np.uint8)), 0.02)[1])
+        outputs = await asyncio.gather(*later)
+        return batcher, outputs
+
+    batcher, outputs = run(go())
+    assert model.batches == [1, 3]  # the holder's own call, then the three waiting together
+    assert [int(o[0, 0]) for o in outputs] == [0, 1, 2] and batcher.idle()
+    assert batcher._seconds_per_image > 0  # the held call counts in the shedding estimate
+
+
 def test_batcher_sheds_load_past_max_wait_with_503_and_retry_after():
     model = FakeModel(delay=0.1)
 
