@@ -25,6 +25,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 import uuid
 
 import aiohttp
@@ -242,6 +243,8 @@ class ImageClassifier:
         log.info("inference log: %s", self.inference_log.folder)
         wait_s = SETTINGS.max_latency_ms / 1000
         self.model: session.ModelSession | None = None  # the session in this worker (placement "worker")
+        self._running = 0  # requests in run_one now
+        self._overlapped_at = float("-inf")  # when run_one last had more than one
         if PLAN.shared_model:  # SharedModel starts exactly this variant and provider, or stops
             variant = session.choose_variant(SETTINGS.variant, PLAN.device, files.variants)
             provider = CUDA if PLAN.device == "cuda" else CPU
@@ -328,20 +331,30 @@ class ImageClassifier:
     async def run_one(self, data: bytes) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
         """One upload decoded and through the model: its pixels, statistics and output row.
 
-        When this worker's own model is idle, the thread that decodes the image runs the model right after: one
-        thread hand-off instead of two, which at one or two clients is a measurable share of a request
-        (docs/benchmarks.md). Requests arriving meanwhile wait and batch as usual. Should the caller give up first
-        (its deadline), the slot is released while the thread finishes, so one model call may briefly overlap
-        another: onnxruntime sessions allow concurrent runs."""
-        if self.model is not None and self.batcher.idle():
-            with self.batcher.holding(1) as held:
-                pixels, stats, rows = await self.decoder.decode_then(data, self.model.infer)
-                if rows is None:  # a costly image, decoded in its own lane
-                    rows = await asyncio.to_thread(self.model.infer, pixels[None])
-                held.seconds = self.model.last_seconds
-            return pixels, stats, rows
-        pixels, stats = await self.prepare(data)
-        return pixels, stats, await self.batcher(pixels[None])
+        In a worker that has had one request at a time for the last ``LONE_FOR_S``, with its own model idle, the
+        thread that decodes the image runs the model right after: one thread hand-off instead of two, which at one
+        or two clients is a measurable share of a request (docs/benchmarks.md). That request holds the model's slot
+        while it decodes, so under concurrent load (the model would idle while it decodes and the others waited)
+        requests go through the batcher as usual. Should the caller give up first (its deadline), the slot is
+        released while the thread finishes, so one model call may briefly overlap another: onnxruntime sessions
+        allow concurrent runs."""
+        now = time.monotonic()
+        self._running += 1
+        if self._running > 1:
+            self._overlapped_at = now
+        try:
+            lone = self._running == 1 and now - self._overlapped_at > LONE_FOR_S
+            if self.model is not None and lone and self.batcher.idle():
+                with self.batcher.holding(1) as held:
+                    pixels, stats, rows = await self.decoder.decode_then(data, self.model.infer)
+                    if rows is None:  # a costly image, decoded in its own lane
+                        rows = await asyncio.to_thread(self.model.infer, pixels[None])
+                    held.seconds = self.model.last_seconds
+                return pixels, stats, rows
+            pixels, stats = await self.prepare(data)
+            return pixels, stats, await self.batcher(pixels[None])
+        finally:
+            self._running -= 1
 
     async def prepare(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
         """Decode and resize one upload plus its drift statistics, in a decode lane (service/decoding.py)."""
@@ -372,6 +385,9 @@ class ImageClassifier:
             raise ApiError(503, "model_unavailable", MODEL_GONE, SETTINGS.retry_after_s) from exc
         return from_npy(out) if isinstance(out, (bytes, bytearray, memoryview)) else np.asarray(out)
 
+
+#: run_one decodes and runs the model in one thread hand-off only after this long with one request at a time.
+LONE_FOR_S = 1.0
 
 MODEL_BUSY = "The model is saturated; retry after the number of seconds in Retry-After."
 MODEL_TIMEOUT = "The model did not answer in time; retry later."
