@@ -332,26 +332,25 @@ class ImageClassifier:
         """One upload decoded and through the model: its pixels, statistics and output row.
 
         In a worker that has had one request at a time for the last ``LONE_FOR_S``, with its own model idle, the
-        thread that decodes the image runs the model right after: one thread hand-off instead of two, which at one
-        or two clients is a measurable share of a request (docs/benchmarks.md). That request holds the model's slot
-        while it decodes, so under concurrent load (the model would idle while it decodes and the others waited)
-        requests go through the batcher as usual. Should the caller give up first (its deadline), the slot is
-        released while the thread finishes, so one model call may briefly overlap another: onnxruntime sessions
-        allow concurrent runs."""
+        thread that decodes an ordinary image runs the model right after: one thread hand-off instead of two, which
+        at one or two clients is a measurable share of a request (docs/benchmarks.md). That request holds the
+        model's slot while it decodes, so under concurrent load (the model would idle while it decodes and the
+        others waited) and for costly images (decoded slowly, in their own lane) requests go through the batcher as
+        usual. Should the caller give up first (its deadline), the slot is released while the thread finishes, so
+        one model call may briefly overlap another: onnxruntime sessions allow concurrent runs."""
         now = time.monotonic()
         self._running += 1
         if self._running > 1:
             self._overlapped_at = now
         try:
+            opened = self.decoder.open(data)
             lone = self._running == 1 and now - self._overlapped_at > LONE_FOR_S
-            if self.model is not None and lone and self.batcher.idle():
+            if self.model is not None and lone and not opened.costly and self.batcher.idle():
                 with self.batcher.holding(1) as held:
-                    pixels, stats, rows = await self.decoder.decode_then(data, self.model.infer)
-                    if rows is None:  # a costly image, decoded in its own lane
-                        rows = await asyncio.to_thread(self.model.infer, pixels[None])
+                    pixels, stats, rows = await self.decoder.decode(opened, self.model.infer)
                     held.seconds = self.model.last_seconds
                 return pixels, stats, rows
-            pixels, stats = await self.prepare(data)
+            pixels, stats, _ = await self.decoder.decode(opened)
             return pixels, stats, await self.batcher(pixels[None])
         finally:
             self._running -= 1

@@ -21,6 +21,7 @@ import os
 import time
 import typing as t
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -69,6 +70,16 @@ def decode(data: bytes, spec: PreprocessSpec, limits: DecodeLimits) -> tuple[np.
     return pixels, image_stats(pixels, size), time.process_time() - started
 
 
+@dataclass
+class Opened:
+    """An upload whose header has been read: what :meth:`Decoder.decode` needs, and its lane."""
+
+    data: bytes
+    img: Image.Image
+    size: tuple[int, int]  # upright, before any reduced-scale decoding
+    costly: bool  # decoded in the costly lane
+
+
 class Decoder:
     """``await decoder(data)``: the model input (uint8 HWC) and drift statistics of one upload."""
 
@@ -83,28 +94,36 @@ class Decoder:
         self._last_ordinary = float("-inf")
 
     async def __call__(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        pixels, stats, _ = await self.decode_then(data, None)
+        pixels, stats, _ = await self.decode(self.open(data))
         return pixels, stats
 
-    async def decode_then(
-        self, data: bytes, then: t.Callable[[np.ndarray], np.ndarray] | None
-    ) -> tuple[np.ndarray, dict[str, float], np.ndarray | None]:
-        """Decode one upload and, for an ordinary image, run ``then(pixels[None])`` right after in the same thread:
-        one hand-off instead of two. The third item is what ``then`` returned; None without ``then``, or for a
-        costly image (decoded in its own lane, so ``then`` is left to the caller)."""
+    def open(self, data: bytes) -> Opened:
+        """Read the header (on the event loop: nothing is decoded yet) and tell the lane; 4xx for a bad upload."""
         img = open_image(data, self.limits)
         size = upright_size(img)  # before draft shrinks img.size
+        return Opened(data, img, size, plan_decode(img, self.spec, self.limits) > self.costly_pixels)
+
+    async def decode(
+        self, opened: Opened, then: t.Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> tuple[np.ndarray, dict[str, float], np.ndarray | None]:
+        """The pixels and statistics of an opened upload; an ordinary image with ``then`` also has
+        ``then(pixels[None])`` run right after in the same thread (one hand-off instead of two), and the third item
+        is what it returned (None otherwise: a costly image is decoded in its own lane, ``then`` is not run)."""
         loop = asyncio.get_running_loop()
-        if plan_decode(img, self.spec, self.limits) > self.costly_pixels:
+        if opened.costly:
             start = time.perf_counter()
             async with self._costly_turn:
-                pixels, stats, cpu = await loop.run_in_executor(self.costly, decode, data, self.spec, self.limits)
+                pixels, stats, cpu = await loop.run_in_executor(
+                    self.costly, decode, opened.data, self.spec, self.limits
+                )
                 if time.monotonic() - self._last_ordinary < RECENT_S:
                     await asyncio.sleep(cpu * (1 / COSTLY_CPU_SHARE - 1))
             seconds, out = time.perf_counter() - start, None
         else:
             self._last_ordinary = time.monotonic()
-            pixels, stats, seconds, out = await loop.run_in_executor(self.fast, self._decode, img, size, then)
+            pixels, stats, seconds, out = await loop.run_in_executor(
+                self.fast, self._decode, opened.img, opened.size, then
+            )
         metrics.get().preprocess_seconds.observe(seconds)
         return pixels, stats, out
 

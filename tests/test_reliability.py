@@ -324,11 +324,23 @@ def test_a_killed_supervisor_takes_its_workers_with_it_and_the_port_is_free(tiny
     assert not any(c.is_running() and c.status() != "zombie" for c in children)
     port = int(srv.url.rsplit(":", 1)[1])
     # The port can be listened on again, as the next `bentoml serve` would: with SO_REUSEADDR, as circus sets it,
-    # so connections the server closed (TIME_WAIT) do not count, while a listener left behind would.
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
-        s.listen()
+    # so connections the server closed (TIME_WAIT) do not count, while a listener left behind would. Retried for a
+    # few seconds, as a restart would be (the bind failed once in a full suite run and never alone); a failure
+    # names what holds the port.
+    deadline, error = time.monotonic() + 10, None
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+                s.listen()
+            break
+        except OSError as exc:
+            error = exc
+            time.sleep(0.5)
+    else:
+        held = subprocess.run(["ss", "-tanp"], capture_output=True, text=True).stdout.splitlines()
+        raise AssertionError(f"port {port} still taken ({error}): {[ln for ln in held if f':{port} ' in ln]}")
 
 
 def test_sigterm_under_load_answers_every_accepted_request_and_logs_it(tiny_model, tmp_path):
