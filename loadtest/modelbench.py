@@ -18,7 +18,7 @@ from pathlib import Path
 from imgcls.model_files import DEFAULT_MODEL, VARIANT_FILES, verify
 from imgcls.onnx_run import cuda_usable, images_per_second, session_for
 from imgcls.preprocess import SPEC_FILE, PreprocessSpec
-from loadtest.report import machine_info
+from loadtest.report import cpu_text, machine_info
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
-    where = f"{m['cores']} cores ({m['cpu']}; {' '.join(m['cpu_flags']) or 'no AVX2'}), {m['gpu'] or 'no GPU'}"
+    where = f"{m['cores']} cores ({cpu_text(m)}), {m['gpu'] or 'no GPU'}"
     print(f"\nmodel {model.tag} (input {result['input_size']} px); {where}\n")
     print(table(rows))
     print("\nspeed-up vs fp32: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))

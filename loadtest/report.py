@@ -53,6 +53,11 @@ def machine_info() -> dict:
     }
 
 
+def cpu_text(machine: dict) -> str:
+    """The CPU model and the SIMD flags its int8 and fp32 speeds depend on, as the reports print them."""
+    return f"{machine['cpu']}; {' '.join(machine.get('cpu_flags') or ['no AVX2'])}"
+
+
 def gate(result: dict, latency_objective_ms: float, max_error_rate: float, min_rps: float, min_ratio: float) -> dict:
     """Pass or fail with the reasons: a step within the SLO, at least ``min_rps`` there, and the compare ratio."""
     reasons = []
@@ -134,8 +139,8 @@ def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     gpu = m["gpu"] or "no GPU"
     lines = [
-        f"Machine: {m['cores']} cores ({m['cpu']}; {' '.join(m.get('cpu_flags') or ['no AVX2'])}), "
-        f"{m['memory_gib']} GiB, {gpu}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
+        f"Machine: {m['cores']} cores ({cpu_text(m)}), {m['memory_gib']} GiB, {gpu}; "
+        + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         "",
         f"Command: `{result['command']}`",
         "",

@@ -109,10 +109,14 @@ class Batcher:
             yield held
         finally:
             if held.seconds:
-                self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * held.seconds / images
+                self._timed(held.seconds, images)
             self._in_flight -= 1
             self._running_images -= images
             self._dispatch()
+
+    def _timed(self, seconds: float, images: int) -> None:
+        """Fold a call of ``images`` images that took ``seconds`` into the recent time per image."""
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / images
 
     def _expected_wait(self, images: int) -> float:
         """Seconds until ``images`` more would be done, after every image waiting or running now (a batch's time
@@ -158,7 +162,7 @@ class Batcher:
         try:
             pixels = group[0].pixels if len(group) == 1 else np.concatenate([w.pixels for w in group])
             out = await self.call(pixels)
-            self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * (time.monotonic() - start) / images
+            self._timed(time.monotonic() - start, images)
             row = 0
             for item in group:
                 if not item.future.done():
