@@ -89,6 +89,17 @@ class Container:
         podman("rm", "-f", "-t", "5", self.name, check=False)
 
 
+def assert_start_fails(box: Container, reason: str) -> None:
+    """The container stops by itself with a non-zero status and ``reason`` in its output; removed either way."""
+    try:
+        podman("wait", box.name, timeout=120)
+        status, code = box.state()
+        assert status == "exited" and code != 0
+        assert reason in box.logs()
+    finally:
+        box.remove()
+
+
 def logged_request_ids(log_dir: Path) -> set[str]:
     """The request id of every line in the inference-log files (``<id>/<i>`` for image i of a batch)."""
     return {
@@ -238,23 +249,11 @@ def test_a_tampered_model_file_stops_the_start(cpu_image, tiny_model, bentoml_ho
     tampered.chmod(0o644)
     target = f"{BENTO_PATH}/models/{name}/{version}/model_fp32.onnx"
     box = Container(cpu_image, tmp_path / "log", mounts=(f"{tampered}:{target}:ro",))
-    try:
-        podman("wait", box.name, timeout=120)
-        status, code = box.state()
-        assert status == "exited" and code != 0
-        assert "was recorded at save time: the file was modified or corrupted" in box.logs()
-    finally:
-        box.remove()
+    assert_start_fails(box, "was recorded at save time: the file was modified or corrupted")
 
 
 @in_container
 def test_a_log_volume_the_user_cannot_write_stops_the_start(cpu_image, tmp_path):
     """A bind-mounted host folder owned by root: the records would all be lost, so the container does not start."""
     box = Container(cpu_image, tmp_path / "log", log_owner=0)
-    try:
-        podman("wait", box.name, timeout=120)
-        status, code = box.state()
-        assert status == "exited" and code != 0
-        assert "is not writable by uid" in box.logs()
-    finally:
-        box.remove()
+    assert_start_fails(box, "is not writable by uid")

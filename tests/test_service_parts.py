@@ -197,11 +197,21 @@ def test_keepalive_connection_is_closed_after_its_request_quota():
     assert closing == [False, False, True, False, False, True]
 
 
-def test_census_says_crowded_only_when_clearly_above_the_least_loaded_worker(tmp_path, monkeypatch):
+@pytest.fixture
+def census_file(tmp_path, monkeypatch):
+    """``census_file(workers)``: the path of a census the supervisor would create for that many API workers."""
     monkeypatch.setattr(balance.tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv(balance.CENSUS_FILE, raising=False)
-    balance.create(3)
-    path = balance.os.environ[balance.CENSUS_FILE]
+
+    def create(workers: int) -> str:
+        balance.create(workers)
+        return balance.os.environ[balance.CENSUS_FILE]
+
+    return create
+
+
+def test_census_says_crowded_only_when_clearly_above_the_least_loaded_worker(census_file):
+    path = census_file(3)
     workers = [balance.Census(path, slot) for slot in range(3)]  # as three API worker processes see the file
 
     def crowded(*counts: int) -> list[bool]:
@@ -218,11 +228,8 @@ def test_census_says_crowded_only_when_clearly_above_the_least_loaded_worker(tmp
         balance.Census(path, 3)
 
 
-def test_crowded_worker_closes_a_connection_after_its_response_one_at_a_time(tmp_path, monkeypatch):
-    monkeypatch.setattr(balance.tempfile, "tempdir", str(tmp_path))
-    monkeypatch.delenv(balance.CENSUS_FILE, raising=False)
-    balance.create(2)
-    mine = balance.Census(balance.os.environ[balance.CENSUS_FILE], 0)
+def test_crowded_worker_closes_a_connection_after_its_response_one_at_a_time(census_file, monkeypatch):
+    mine = balance.Census(census_file(2), 0)
     monkeypatch.setattr(balance, "CENSUS", mine)
 
     async def go():
