@@ -176,7 +176,10 @@ class InferenceLogWriter:
     started: rotation without renames. When the folder's files pass ``max_total_bytes`` (or are older
     than ``max_age_s``), the oldest ones no process is writing to are deleted.
 
-    Thumbnails of unfamiliar images go to ``THUMBNAIL_DIR`` in the same folder, within ``thumbnail_bytes``.
+    Thumbnails of unfamiliar images go to ``THUMBNAIL_DIR`` in the same folder, within ``thumbnail_bytes``, at
+    most ``thumbnails_per_s`` a second (the first ones; the records of the others are written as usual): a sample
+    to look at, where one per unfamiliar image would cost a JPEG encode and a file per request, and hold their
+    pixels in memory while the disk stalls.
     ``on_error`` and ``on_drop`` count failed writes and dropped records (the service's metrics).
     """
 
@@ -187,6 +190,7 @@ class InferenceLogWriter:
         max_total_bytes: int = 0,
         max_age_s: float = 0.0,
         thumbnail_bytes: int = 32 << 20,
+        thumbnails_per_s: float = 2.0,
         flush_interval: float = 1.0,
         max_queue: int = 100_000,
         fsync: bool = True,
@@ -195,7 +199,8 @@ class InferenceLogWriter:
     ):
         self.folder = ensure_writable(folder)
         self.max_bytes, self.max_total_bytes, self.max_age_s = max_bytes, max_total_bytes, max_age_s
-        self.thumbnail_bytes = thumbnail_bytes
+        self.thumbnail_bytes, self.thumbnails_per_s = thumbnail_bytes, thumbnails_per_s
+        self._thumbnail_tokens, self._tokens_at = max(1.0, thumbnails_per_s), _time.monotonic()
         self.flush_interval, self.max_queue, self.fsync = flush_interval, max_queue, fsync
         self.on_error, self.on_drop = on_error or (lambda: None), on_drop or (lambda: None)
         self._last_prune = float("-inf")
@@ -217,7 +222,20 @@ class InferenceLogWriter:
             if self.dropped in (1, 100) or self.dropped % 10_000 == 0:
                 log.warning("inference log queue full (%d records): %d records dropped", self.max_queue, self.dropped)
             return
+        if thumbnail is not None and not self._take_thumbnail_token():
+            thumbnail = None
         self._queue.put((encode(record), None if thumbnail is None else (str(record["request_id"]), thumbnail)))
+
+    def _take_thumbnail_token(self) -> bool:
+        """Whether a thumbnail may be saved now: a bucket of ``thumbnails_per_s`` tokens refilled continuously."""
+        now = _time.monotonic()
+        burst = max(1.0, self.thumbnails_per_s)
+        self._thumbnail_tokens = min(burst, self._thumbnail_tokens + (now - self._tokens_at) * self.thumbnails_per_s)
+        self._tokens_at = now
+        if self._thumbnail_tokens < 1.0:
+            return False
+        self._thumbnail_tokens -= 1.0
+        return True
 
     def close(self) -> None:
         """Write everything queued, then close the file; safe to call twice."""

@@ -163,7 +163,7 @@ def test_banner_shows_the_verdict_in_colour_with_what_drifted_and_what_it_means(
 
 def write_with_thumbnails(folder: Path, rows, model: str, scores: list[float], with_thumbnail: list[bool]) -> None:
     """Log ``rows`` through the service's writer with these unfamiliarity scores; thumbnails where asked."""
-    writer = InferenceLogWriter(folder, flush_interval=0.05, fsync=False)
+    writer = InferenceLogWriter(folder, flush_interval=0.05, fsync=False, thumbnails_per_s=1e6)
     emb = rows[[c for c in rows.columns if c.startswith(EMBEDDING_PREFIX)]].to_numpy()
     for i, (stats, label) in enumerate(zip(rows[list(STAT_FIELDS)].to_dict("records"), rows["label"], strict=True)):
         record = make_record(f"{folder.name}-{i}", model, "int8", label, 0.9, scores[i], scores[i] > 1.0, stats,

@@ -118,6 +118,19 @@ def test_thumbnails_of_unfamiliar_images_are_saved_small(tmp_path):
     assert thumb.name == "req-7.jpg" and thumb.stat().st_size < 5000
 
 
+def test_thumbnails_are_a_sample_of_a_few_a_second(tmp_path):
+    writer = InferenceLogWriter(tmp_path, flush_interval=0.05, thumbnails_per_s=2)
+    pixels = np.full((64, 64, 3), 128, np.uint8)
+    for i in range(10):  # at once: the first two get thumbnails
+        writer.write(record(i), thumbnail=pixels)
+    time.sleep(0.6)  # one more token
+    writer.write(record(10), thumbnail=pixels)
+    writer.close()
+    saved = sorted(p.name for p in (tmp_path / THUMBNAIL_DIR).glob("*.jpg"))
+    assert saved == ["req-0.jpg", "req-1.jpg", "req-10.jpg"]
+    assert len(read_all(tmp_path)) == 11  # every record is logged
+
+
 def test_per_pod_subfolders_are_found(tmp_path):
     """Log files and thumbnails of every pod's folder are found, by the name the reader derives from the record."""
     pixels = np.zeros((32, 32, 3), np.uint8)
