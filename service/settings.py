@@ -39,6 +39,11 @@ class Settings:
     placement: str = _help("auto | worker (a model in every API worker) | shared (one model process)", "auto")
     workers: int = _help("API worker processes; 0: one per core", 0)
     ort_threads: int = _help("onnxruntime threads per session; 0: the cores shared out among the sessions", 0)
+    lone_threads: int = _help(
+        "onnxruntime threads for a request alone in the server (none other in any worker for a second); "
+        "0: every core, up to 8; 1: off",
+        0,
+    )
     ort_spin: bool = _help("let onnxruntime threads spin between runs (burns CPU the decoders need)", False)
     max_batch_size: int = _help("largest batch the model sees; 0: 32 on the CPU, 128 on a GPU", 0)
     max_latency_ms: int = _help("an image waiting longer than this for the model is refused with 503", 1000)
@@ -69,7 +74,12 @@ class Settings:
     log_max_total_bytes: int = _help("delete the oldest inference-log files past this total; 0: keep all", 8 << 30)
     log_max_age_days: float = _help("delete inference-log files older than this; 0: no age limit", 0.0)
     thumbnail_bytes: int = _help("disk kept for thumbnails of unfamiliar images", 32 << 20)
-    access_log: bool = _help("BentoML's per-request log line in the API workers", True)
+    thumbnails_per_s: float = _help("thumbnails of unfamiliar images saved per second per API worker, at most", 2.0)
+    access_log: bool = _help(
+        "BentoML's per-request log line in the API workers (off: the metrics and the inference log cover every "
+        "request, and the line costs one client about a sixth of its throughput, docs/benchmarks.md)",
+        False,
+    )
     tracing: bool = _help("BentoML's OpenTelemetry spans for the API routes (skipped otherwise: they cost CPU)", False)
     warmup_runs: int = _help("runs of each batch size before the server reports ready", 2)
 
@@ -118,8 +128,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"IMGCLS_{name.upper()} must be positive.")
-        non_negative = ("keepalive_requests", "workers", "ort_threads", "log_max_total_bytes", "log_max_age_days",
-                        "drain_s")  # fmt: skip
+        non_negative = ("keepalive_requests", "workers", "ort_threads", "lone_threads", "log_max_total_bytes",
+                        "log_max_age_days", "drain_s", "thumbnails_per_s")  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"IMGCLS_{name.upper()} must be 0 or positive.")
@@ -159,18 +169,23 @@ class Plan:
     api_workers: int
     max_batch_size: int
     ort_threads: int  # per onnxruntime session (CPU)
+    lone_threads: int = 0  # threads of each API worker's second session, for a request alone in the server; 0: none
 
 
 #: The batch size a device gets when IMGCLS_MAX_BATCH_SIZE is 0: fp16 on a large GPU peaks near 128 (H100,
 #: ResNet-18); on the CPU throughput is flat past a few images, and larger batches only add latency.
 DEFAULT_BATCH = {"cpu": 32, "cuda": 128}
+#: The most threads a lone request gets by default: ResNet-18 on one image gains little past a few.
+MAX_LONE_THREADS = 8
 
 
 def resolve(settings: Settings, gpu_usable: bool, cpus: int) -> Plan:
     """The plan for ``settings`` on a machine with ``cpus`` cores, with or without a usable GPU.
 
     ``auto`` placement shares one model process on a GPU (one CUDA session, big batches) and keeps a model in
-    every API worker on the CPU (no HTTP hop between them).
+    every API worker on the CPU (no HTTP hop between them). With a model in every CPU worker, each worker also
+    opens a session with more threads for a request that has the server to itself (one client at a time: its
+    image would otherwise run on one core while the others idle).
     """
     device = settings.device if settings.device != "auto" else ("cuda" if gpu_usable else "cpu")
     if device == "cuda" and not gpu_usable:
@@ -179,7 +194,9 @@ def resolve(settings: Settings, gpu_usable: bool, cpus: int) -> Plan:
     workers = settings.workers or cpus
     sessions = 1 if shared else workers
     threads = settings.ort_threads or max(1, cpus // sessions)
-    return Plan(device, shared, workers, settings.max_batch_size or DEFAULT_BATCH[device], threads)
+    lone = (settings.lone_threads or min(cpus, MAX_LONE_THREADS)) if device == "cpu" and not shared else 0
+    batch = settings.max_batch_size or DEFAULT_BATCH[device]
+    return Plan(device, shared, workers, batch, threads, lone if lone > threads else 0)
 
 
 def cpu_count(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:

@@ -47,8 +47,10 @@ def tiny_model(bentoml_home, cache_dir, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory):
-    """The service from bentofile.yaml serving the tiny model on the CPU."""
-    srv = start_server(".", {"IMGCLS_MODEL": tiny_model, "IMGCLS_DEVICE": "cpu"}, tmp_path_factory.mktemp("server"))
+    """The service from bentofile.yaml serving the tiny model on the CPU, saving a thumbnail of every unfamiliar
+    image (the drift tests look for them)."""
+    env = {"IMGCLS_MODEL": tiny_model, "IMGCLS_DEVICE": "cpu", "IMGCLS_THUMBNAILS_PER_S": "10000"}
+    srv = start_server(".", env, tmp_path_factory.mktemp("server"))
     yield srv
     srv.stop()
 

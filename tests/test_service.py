@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 from imgcls import __version__
 from imgcls.inference_log import REQUIRED_FIELDS, log_files, parse_line
 from imgcls.model_files import open_model
+from service.settings import cpu_count
 from tests.helpers import (
     assert_error,
     classify,
@@ -86,6 +88,20 @@ def test_classify_jpeg_returns_label_scores_model_and_request_id(server, tiny_mo
     assert scores == sorted(scores, reverse=True) and 0 < body["score"] <= 1
     assert classify(server, photo_jpeg, top_k="2").json()["top_k"][:1] == body["top_k"][:1]
     assert len(classify(server, photo_jpeg, top_k="2").json()["top_k"]) == 2
+
+
+def test_a_client_alone_gets_the_same_answers_from_every_core(server, photo_jpeg):
+    """One request at a time for a second runs on the session with a thread per core (service/app.py: run_one); its
+    answers are those of the one-thread session that concurrent requests use."""
+    if cpu_count() > 1:
+        assert re.search(r"a request alone in the server runs with \d+ threads", server.output())
+    time.sleep(1.2)
+    alone = classify(server, photo_jpeg, top_k="3").json()["top_k"]
+    with ThreadPoolExecutor(4) as pool:
+        together = [r.json()["top_k"] for r in pool.map(lambda _: classify(server, photo_jpeg, top_k="3"), range(8))]
+    for answer in together:
+        assert [p["label"] for p in answer] == [p["label"] for p in alone]
+        assert np.allclose([p["score"] for p in answer], [p["score"] for p in alone], atol=1e-4)
 
 
 def test_curl_upload_just_works(server, photo_jpeg, tmp_path):

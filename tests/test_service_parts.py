@@ -228,6 +228,20 @@ def test_census_says_crowded_only_when_clearly_above_the_least_loaded_worker(cen
         balance.Census(path, 3)
 
 
+def test_census_tells_a_request_alone_in_the_server_for_a_while(census_file):
+    path = census_file(2)
+    mine, other = balance.Census(path, 0), balance.Census(path, 1)  # two API worker processes
+    mine.add_request(1)
+    assert mine.alone(1.0)  # one request in the server, never two so far
+    other.add_request(1)  # a second, in the other worker
+    assert not mine.alone(1.0) and not other.alone(1.0)
+    other.add_request(-1)
+    now = time.monotonic()
+    assert not mine.alone(1.0, now)  # alone again, but not yet for a second
+    assert mine.alone(1.0, now + 1.1)
+    assert balance.Census(path, 0).requests[0] == 0  # a replacement worker starts its slot afresh
+
+
 def test_crowded_worker_closes_a_connection_after_its_response_one_at_a_time(census_file, monkeypatch):
     mine = balance.Census(census_file(2), 0)
     monkeypatch.setattr(balance, "CENSUS", mine)
@@ -353,15 +367,27 @@ def test_api_key_comes_from_the_variable_or_a_file(tmp_path):
 @pytest.mark.parametrize(
     ("settings", "gpu", "cpus", "plan"),
     [
-        (Settings(), False, 2, Plan("cpu", False, 2, 32, 1)),
+        (Settings(), False, 2, Plan("cpu", False, 2, 32, 1, 2)),
         (Settings(), True, 16, Plan("cuda", True, 16, 128, 16)),
-        (Settings(device="cpu"), True, 16, Plan("cpu", False, 16, 32, 1)),
+        (Settings(device="cpu"), True, 16, Plan("cpu", False, 16, 32, 1, 8)),
+        (Settings(lone_threads=1), False, 2, Plan("cpu", False, 2, 32, 1, 0)),
+        (Settings(workers=1, lone_threads=4), False, 2, Plan("cpu", False, 1, 32, 2, 4)),
         (Settings(placement="shared"), False, 4, Plan("cpu", True, 4, 32, 4)),
         (Settings(workers=1, max_batch_size=8), False, 4, Plan("cpu", False, 1, 8, 4)),
         (Settings(ort_threads=3), False, 2, Plan("cpu", False, 2, 32, 3)),
         (Settings(placement="worker"), True, 8, Plan("cuda", False, 8, 128, 1)),
     ],
-    ids=["cpu_default", "gpu_default", "cpu_forced", "shared_on_cpu", "one_worker", "explicit_threads", "gpu_worker"],
+    ids=[
+        "cpu_default",
+        "gpu_default",
+        "cpu_forced",
+        "lone_off",
+        "lone_explicit",
+        "shared_on_cpu",
+        "one_worker",
+        "explicit_threads",
+        "gpu_worker",
+    ],  # fmt: skip
 )
 def test_resolve_decides_device_placement_batch_and_threads(settings, gpu, cpus, plan):
     assert resolve(settings, gpu_usable=gpu, cpus=cpus) == plan
