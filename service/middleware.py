@@ -12,9 +12,8 @@
 5. :class:`ConcurrencyLimit`: at most N requests per worker being processed; beyond that 503 + Retry-After.
 6. :class:`Deadline`: a request not answered within the time limit gets 504.
 7. :class:`DirectRoute`: the parsed upload handed straight to the API's handler. Past this point BentoML would
-   set up its request context, route the request and read the upload again through its IO descriptor, about a
-   twentieth of a millisecond of CPU per request (docs/benchmarks.md) for nothing this service uses; its own
-   routes stay, for the OpenAPI page and anything this one does not take.
+   set up its request context, route the request and read the upload again through its IO descriptor, work
+   nothing in this service uses; its own routes stay, for the OpenAPI page and anything this one does not take.
 
 Every refusal is an :class:`~imgcls.errors.ApiError` answered by :func:`service.answers.error_response`.
 """

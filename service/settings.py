@@ -77,7 +77,7 @@ class Settings:
     thumbnails_per_s: float = _help("thumbnails of unfamiliar images saved per second per API worker, at most", 2.0)
     access_log: bool = _help(
         "BentoML's per-request log line in the API workers (off: the metrics and the inference log cover every "
-        "request, and the line costs one client about a sixth of its throughput, docs/benchmarks.md)",
+        "request, and the line costs a lone client 1-2 ms a request, docs/benchmarks.md)",
         False,
     )
     tracing: bool = _help("BentoML's OpenTelemetry spans for the API routes (skipped otherwise: they cost CPU)", False)
@@ -175,7 +175,8 @@ class Plan:
 #: The batch size a device gets when IMGCLS_MAX_BATCH_SIZE is 0: fp16 on a large GPU peaks near 128 (H100,
 #: ResNet-18); on the CPU throughput is flat past a few images, and larger batches only add latency.
 DEFAULT_BATCH = {"cpu": 32, "cuda": 128}
-#: The most threads a lone request gets by default: ResNet-18 on one image gains little past a few.
+#: The most threads a lone request gets by default, so that on a large machine one image does not wake dozens of
+#: threads for little gain (measured only on 2 cores: ResNet-18 int8 in 6.8 ms on two threads, 11.3 on one).
 MAX_LONE_THREADS = 8
 
 
