@@ -176,7 +176,7 @@ class Plan:
 #: ResNet-18); on the CPU throughput is flat past a few images, and larger batches only add latency.
 DEFAULT_BATCH = {"cpu": 32, "cuda": 128}
 #: The most threads a lone request gets by default, so that on a large machine one image does not wake dozens of
-#: threads for little gain (measured only on 2 cores: ResNet-18 int8 in 6.8 ms on two threads, 11.3 on one).
+#: threads for little gain (measured only on 2 cores: ResNet-18 int8 in 6.7-6.9 ms on two threads, 11.2-12.2 on one).
 MAX_LONE_THREADS = 8
 
 
