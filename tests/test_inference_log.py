@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from imgcls import inference_log
 from imgcls.imagestats import STAT_FIELDS
 from imgcls.inference_log import (
     THUMBNAIL_DIR,
@@ -118,17 +120,20 @@ def test_thumbnails_of_unfamiliar_images_are_saved_small(tmp_path):
     assert thumb.name == "req-7.jpg" and thumb.stat().st_size < 5000
 
 
-def test_thumbnails_are_a_sample_of_a_few_a_second(tmp_path):
+def test_thumbnails_are_a_sample_of_a_few_a_second(tmp_path, monkeypatch):
+    clock = [1000.0]  # the writer's monotonic clock, moved by hand
+    monkeypatch.setattr(inference_log, "_time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
     writer = InferenceLogWriter(tmp_path, flush_interval=0.05, thumbnails_per_s=2)
     pixels = np.full((64, 64, 3), 128, np.uint8)
     for i in range(10):  # at once: the first two get thumbnails
         writer.write(record(i), thumbnail=pixels)
-    time.sleep(0.6)  # one more token
+    clock[0] += 0.5  # one more token
     writer.write(record(10), thumbnail=pixels)
+    writer.write(record(11), thumbnail=pixels)
     writer.close()
     saved = sorted(p.name for p in (tmp_path / THUMBNAIL_DIR).glob("*.jpg"))
     assert saved == ["req-0.jpg", "req-1.jpg", "req-10.jpg"]
-    assert len(read_all(tmp_path)) == 11  # every record is logged
+    assert len(read_all(tmp_path)) == 12  # every record is logged
 
 
 def test_per_pod_subfolders_are_found(tmp_path):
