@@ -200,7 +200,9 @@ class InferenceLogWriter:
         self.folder = ensure_writable(folder)
         self.max_bytes, self.max_total_bytes, self.max_age_s = max_bytes, max_total_bytes, max_age_s
         self.thumbnail_bytes, self.thumbnails_per_s = thumbnail_bytes, thumbnails_per_s
-        self._thumbnail_tokens, self._tokens_at = max(1.0, thumbnails_per_s), _time.monotonic()
+        # A bucket that holds a second's thumbnails (at least one, none at all when the rate is 0).
+        self._thumbnail_burst = max(1.0, thumbnails_per_s) if thumbnails_per_s > 0 else 0.0
+        self._thumbnail_tokens, self._tokens_at = self._thumbnail_burst, _time.monotonic()
         self.flush_interval, self.max_queue, self.fsync = flush_interval, max_queue, fsync
         self.on_error, self.on_drop = on_error or (lambda: None), on_drop or (lambda: None)
         self._last_prune = float("-inf")
@@ -229,8 +231,8 @@ class InferenceLogWriter:
     def _take_thumbnail_token(self) -> bool:
         """Whether a thumbnail may be saved now: a bucket of ``thumbnails_per_s`` tokens refilled continuously."""
         now = _time.monotonic()
-        burst = max(1.0, self.thumbnails_per_s)
-        self._thumbnail_tokens = min(burst, self._thumbnail_tokens + (now - self._tokens_at) * self.thumbnails_per_s)
+        refilled = self._thumbnail_tokens + (now - self._tokens_at) * self.thumbnails_per_s
+        self._thumbnail_tokens = min(self._thumbnail_burst, refilled)
         self._tokens_at = now
         if self._thumbnail_tokens < 1.0:
             return False

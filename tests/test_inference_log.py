@@ -135,6 +135,11 @@ def test_thumbnails_are_a_sample_of_a_few_a_second(tmp_path, monkeypatch):
     assert saved == ["req-0.jpg", "req-1.jpg", "req-10.jpg"]
     assert len(read_all(tmp_path)) == 12  # every record is logged
 
+    none = InferenceLogWriter(tmp_path / "none", flush_interval=0.05, thumbnails_per_s=0)
+    none.write(record(20), thumbnail=pixels)
+    none.close()
+    assert not (tmp_path / "none" / THUMBNAIL_DIR).exists() and len(read_all(tmp_path / "none")) == 1
+
 
 def test_per_pod_subfolders_are_found(tmp_path):
     """Log files and thumbnails of every pod's folder are found, by the name the reader derives from the record."""
