@@ -2,11 +2,13 @@
 
 They are computed on the model-input array (after decode, orientation and resize), subsampled to
 about 64 px, which is exactly what the model sees; ``width``, ``height`` and ``aspect_ratio`` describe the
-original upload. It runs once per request, so it is written for few numpy calls: about 0.15 ms at 32 px and
-0.27 ms at 224 px on a 2-core box.
+original upload. It runs once per request, so it is written for few numpy calls on contiguous rows, in float64:
+about 0.1 ms at 224 px on a 2-core box. tests/test_preprocess.py checks it against the formulas written plainly.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -24,34 +26,47 @@ STAT_FIELDS = (
     "height",
     "aspect_ratio",
 )
+#: RGB to the three planes the statistics read: luma (ITU-R 601), r - g and (r + g) / 2 - b.
+_PLANES = np.array([[0.299, 0.587, 0.114], [1.0, -1.0, 0.0], [0.5, 0.5, -1.0]])
 
 
 def image_stats(pixels: np.ndarray, size: tuple[int, int]) -> dict[str, float]:
     """Statistics of one uint8 HWC RGB array and the original (width, height) it came from."""
     step = max(1, min(pixels.shape[:2]) // STATS_SIDE)
-    rgb = pixels[::step, ::step].astype(np.float32)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    luma = 0.299 * r + 0.587 * g + 0.114 * b
-    # Variance of a 4-neighbour Laplacian: falls sharply with blur.
-    lap = 4 * luma[1:-1, 1:-1] - luma[:-2, 1:-1] - luma[2:, 1:-1] - luma[1:-1, :-2] - luma[1:-1, 2:]
-    # Hasler & Suesstrunk colourfulness. Means and deviations of the three planes in one pass each: this runs
-    # per request, and on small inputs the cost is the number of numpy calls, not the arithmetic.
-    planes = np.stack([luma, r - g, 0.5 * (r + g) - b]).reshape(3, -1)
-    means = planes.mean(axis=1)
-    stds = np.sqrt(np.square(planes - means[:, None]).mean(axis=1))
-    colorfulness = np.hypot(stds[1], stds[2]) + 0.3 * np.hypot(means[1], means[2])
-    mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
-    saturation = ((mx - mn) / np.maximum(mx, 1e-6)).mean()  # 0 where mx is 0
-    hist = np.bincount(luma.astype(np.uint8).ravel(), minlength=256)
-    p = hist[hist > 0] / luma.size
+    sub = pixels[::step, ::step]
+    h, w = sub.shape[:2]
+    n = h * w
+    # One contiguous row per channel: reductions along short or strided axes cost numpy many times more.
+    rgb = np.ascontiguousarray(sub.transpose(2, 0, 1)).reshape(3, n).astype(np.float64)
+    planes = _PLANES @ rgb  # luma, r - g, (r + g) / 2 - b
+    means = planes.sum(axis=1) / n
+    dev = planes - means[:, None]
+    stds = np.sqrt(np.einsum("ij,ij->i", dev, dev) / n)
+    # Variance of a 4-neighbour Laplacian of the luma: falls sharply with blur.
+    luma = planes[0].reshape(h, w)
+    lap = luma[1:-1, 1:-1] * 4
+    lap -= luma[:-2, 1:-1]
+    lap -= luma[2:, 1:-1]
+    lap -= luma[1:-1, :-2]
+    lap -= luma[1:-1, 2:]
+    lap = lap.ravel()
+    lap -= lap.sum() / max(1, lap.size)
+    sharpness = math.log1p(float(np.dot(lap, lap)) / max(1, lap.size))
+    top = np.maximum(np.maximum(rgb[0], rgb[1]), rgb[2])
+    spread = top - np.minimum(np.minimum(rgb[0], rgb[1]), rgb[2])
+    spread /= np.maximum(top, 1e-6)  # 0 where the pixel is black
+    counts = np.bincount(planes[0].astype(np.uint8), minlength=256)
+    counts = counts[counts > 0]
+    (luma_mean, rg_mean, yb_mean), (luma_std, rg_std, yb_std) = means.tolist(), stds.tolist()
     width, height = size
     return {
-        "brightness": float(means[0] / 255.0),
-        "contrast": float(stds[0] / 255.0),
-        "sharpness": float(np.log1p(lap.var())),
-        "colorfulness": float(colorfulness / 255.0),
-        "saturation": float(saturation),
-        "entropy": float(-(p * np.log2(p)).sum()),
+        "brightness": luma_mean / 255.0,
+        "contrast": luma_std / 255.0,
+        "sharpness": sharpness,
+        # Hasler & Suesstrunk colourfulness.
+        "colorfulness": (math.hypot(rg_std, yb_std) + 0.3 * math.hypot(rg_mean, yb_mean)) / 255.0,
+        "saturation": float(spread.sum()) / n,
+        "entropy": math.log2(n) - float(np.dot(counts, np.log2(counts))) / n,  # of the luma histogram, in bits
         "width": float(width),
         "height": float(height),
         "aspect_ratio": float(width / height) if height else 0.0,

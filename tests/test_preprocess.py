@@ -54,6 +54,44 @@ def test_unusual_valid_images_become_model_inputs(name):
     assert list(stats) == list(STAT_FIELDS) and all(np.isfinite(v) for v in stats.values())
 
 
+def plain_stats(pixels: np.ndarray) -> dict[str, float]:
+    """The content statistics as their definitions read (imgcls/imagestats.py computes them with fewer calls)."""
+    step = max(1, min(pixels.shape[:2]) // 64)
+    r, g, b = (pixels[::step, ::step, c].astype(np.float64) for c in range(3))
+    luma = 0.299 * r + 0.587 * g + 0.114 * b
+    lap = 4 * luma[1:-1, 1:-1] - luma[:-2, 1:-1] - luma[2:, 1:-1] - luma[1:-1, :-2] - luma[1:-1, 2:]
+    rg, yb = r - g, 0.5 * (r + g) - b
+    mx, mn = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    p = np.bincount(luma.astype(np.uint8).ravel(), minlength=256) / luma.size
+    p = p[p > 0]
+    return {
+        "brightness": luma.mean() / 255,
+        "contrast": luma.std() / 255,
+        "sharpness": np.log1p(lap.var()),
+        "colorfulness": (np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean())) / 255,
+        "saturation": np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0).mean(),
+        "entropy": -(p * np.log2(p)).sum(),
+    }
+
+
+@pytest.mark.parametrize("side", [8, 32, 127, 128, 224, 384])
+@pytest.mark.parametrize("kind", ["noise", "flat", "black", "photo"])
+def test_image_statistics_agree_with_their_definitions(side, kind):
+    rng = np.random.default_rng(side)
+    pixels = {
+        "noise": lambda: rng.integers(0, 256, (side, side, 3), dtype=np.uint8),
+        "flat": lambda: np.full((side, side, 3), 77, np.uint8),
+        "black": lambda: np.zeros((side, side, 3), np.uint8),
+        "photo": lambda: np.asarray(gradient(side, side).resize((side, side)).rotate(17)),
+    }[kind]()
+    stats = image_stats(pixels, (side * 2, side))
+    for name, value in plain_stats(pixels).items():
+        # A luma that rounds to just below a whole number lands in the histogram bin below, in either order of sums.
+        rel = 1e-4 if name == "entropy" else 1e-9
+        assert stats[name] == pytest.approx(value, rel=rel, abs=1e-9), name
+    assert (stats["width"], stats["height"], stats["aspect_ratio"]) == (side * 2, side, 2.0)
+
+
 def test_exif_orientation_is_applied_and_reported():
     _, size = preprocess_bytes(exif_rotated_jpeg(), SPEC)
     assert size == (30, 60)
