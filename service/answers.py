@@ -63,7 +63,7 @@ class Answerer:
                 self.metrics.unfamiliar.inc()
             record = make_record(
                 request_ids[i], self.tag, self.variant, label, score, ood, unfamiliar, stats[i],
-                embedding[i].tolist(), source,
+                embedding[i], source,
             )  # fmt: skip
             self.inference_log.write(record, thumbnail=pixels[i] if unfamiliar else None)
             results.append(

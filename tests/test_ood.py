@@ -48,6 +48,19 @@ def test_scores_survive_the_trip_through_json_and_bad_entries_are_refused():
         ood.OodDetector.from_dict({**detector.to_dict(), "method": "magic"})
 
 
+def test_distances_agree_with_their_definitions():
+    """ood.py computes the distances with folded matrices; here they are as the formulas read."""
+    train_e, train_s, train_y = draw(800, 1)
+    detector = ood.fit(train_e, train_s, train_y, *draw(300, 2)[:2])
+    probe_e, probe_s, _ = draw(40, 3, shift=1.5)
+    z = (np.concatenate([probe_e, probe_s], axis=1) - detector.center) / detector.scale
+    diff = z[:, None, :] - detector.class_means[None]
+    mahalanobis = np.sqrt(np.einsum("ncd,de,nce->nc", diff, detector.precision, diff).min(axis=1))
+    unit = probe_e / np.linalg.norm(probe_e, axis=1, keepdims=True)
+    kth_similarity = -np.sort(-(unit @ detector.bank.T), axis=1)[:, detector.k - 1]
+    assert np.allclose(detector.parts(probe_e, probe_s), np.stack([mahalanobis, 1 - kth_similarity], 1), rtol=1e-9)
+
+
 def test_rates_tool_scores_every_group_and_variant_of_a_stored_model(tiny_model, tmp_path, capsys):
     """`python -m training.ood_rates` on the stored tiny model: the demo groups, a folder of one's own, JSON."""
     from PIL import Image
