@@ -26,7 +26,6 @@ import gc
 import logging
 import os
 import sys
-import time
 import uuid
 
 import aiohttp
@@ -42,7 +41,7 @@ from imgcls.model_files import ModelFiles, ModelFilesError, open_model
 from imgcls.onnx_run import CPU, CUDA, cuda_usable
 from service import balance, http_protocol, metrics, pages, self_test, session, supervision
 from service.answers import Answerer, error_response
-from service.batching import Batcher, in_process
+from service.batching import Batcher, ThreadBatcher, in_process
 from service.decoding import Decoder
 from service.middleware import (
     ApiKeyAuth,
@@ -271,10 +270,10 @@ class ImageClassifier:
         )
         log.info("inference log: %s", self.inference_log.folder)
         wait_s = SETTINGS.max_latency_ms / 1000
+        self.decoder = Decoder(files.spec, SETTINGS.decode_limits, SETTINGS.decode_threads)
         self.model: session.ModelSession | None = None  # the session in this worker (placement "worker")
         self.lone_model: session.ModelSession | None = None  # the same with more threads (service/settings.py)
-        self._running = 0  # requests in run_one now
-        self._overlapped_at = float("-inf")  # when run_one last had more than one
+        self.batcher: Batcher | ThreadBatcher
         if PLAN.shared_model:  # SharedModel starts exactly this variant and provider, or stops
             variant = session.choose_variant(SETTINGS.variant, PLAN.device, files.variants)
             provider = CUDA if PLAN.device == "cuda" else CPU
@@ -285,10 +284,11 @@ class ImageClassifier:
             self.model = open_session(files, self.tag, strict_device=False)
             self.lone_model = open_lone_session(files, self.model)
             variant, provider = self.model.variant, self.model.provider
-            self.batcher = Batcher(in_process(self.model), PLAN.max_batch_size, 1, wait_s, SETTINGS.retry_after_s)
+            self.batcher = ThreadBatcher(
+                self._model_for, self.decoder.fast, PLAN.max_batch_size, wait_s, SETTINGS.retry_after_s
+            )
         self.answerer = Answerer(self.tag, variant, files.labels, files.detectors[variant], self.inference_log)
         self.info = pages.model_info(self.tag, files, variant, provider, SETTINGS.max_files, SETTINGS.max_image_bytes)
-        self.decoder = Decoder(files.spec, SETTINGS.decode_limits, SETTINGS.decode_threads)
         self.serving = False
 
     @bentoml.on_startup
@@ -347,7 +347,7 @@ class ImageClassifier:
 
     async def classify_many(self, images: list[bytes], top_k: int, source: str) -> JSONResponse:
         request_id = uuid.uuid4().hex
-        prepared = await asyncio.gather(*(self.prepare(data) for data in images), return_exceptions=True)
+        prepared = await asyncio.gather(*(self.decoder(data) for data in images), return_exceptions=True)
         results: list[dict | None] = [None] * len(images)
         ok = [i for i, p in enumerate(prepared) if not isinstance(p, BaseException)]
         for i, p in enumerate(prepared):
@@ -372,37 +372,21 @@ class ImageClassifier:
     async def run_one(self, data: bytes) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
         """One upload decoded and through the model: its pixels, statistics and output row.
 
-        In a worker that has had one request at a time for the last ``LONE_FOR_S``, with its own model idle, the
-        thread that decodes an ordinary image runs the model right after: one thread hand-off instead of two, which
-        at one or two clients is a measurable share of a request (docs/benchmarks.md). That request holds the
-        model's slot while it decodes, so under concurrent load (the model would idle while it decodes and the
-        others waited) and for costly images (decoded slowly, in their own lane) requests go through the batcher as
-        usual. Should the caller give up first (its deadline), the slot is released while the thread finishes, so
-        one model call may briefly overlap another: onnxruntime sessions allow concurrent runs.
+        With the model in this worker, the thread that decodes an ordinary image goes on to the model with it
+        (service/batching.py: ThreadBatcher); a costly image comes back from its own lane first."""
+        opened = self.decoder.open(data)
+        if isinstance(self.batcher, ThreadBatcher) and not opened.costly:
+            return await self.decoder.decode_then(opened, self.batcher.run)
+        pixels, stats = await self.decoder.decode(opened)
+        return pixels, stats, await self.batcher(pixels[None])
 
-        A request that has not only its worker but the whole server to itself (``service/balance.py``) runs on the
-        session with more threads: one client at a time would otherwise have one core working and the rest idle."""
-        now = time.monotonic()
-        self._running += 1
-        if self._running > 1:
-            self._overlapped_at = now
-        try:
-            opened = self.decoder.open(data)
-            lone = self._running == 1 and now - self._overlapped_at > LONE_FOR_S
-            if self.model is not None and lone and not opened.costly and self.batcher.idle():
-                model = self.lone_model if self.lone_model is not None and balance.alone(LONE_FOR_S) else self.model
-                with self.batcher.holding(1) as held:
-                    pixels, stats, rows = await self.decoder.decode(opened, model.infer)
-                    held.seconds = model.last_seconds
-                return pixels, stats, rows
-            pixels, stats, _ = await self.decoder.decode(opened)
-            return pixels, stats, await self.batcher(pixels[None])
-        finally:
-            self._running -= 1
-
-    async def prepare(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        """Decode and resize one upload plus its drift statistics, in a decode lane (service/decoding.py)."""
-        return await self.decoder(data)
+    def _model_for(self, images: int) -> session.ModelSession:
+        """The session for a batch: the one with a thread per core for a request that has had not only its worker
+        but the whole server to itself (``service/balance.py``), as one client at a time would otherwise have one
+        core working and the rest idle."""
+        if images == 1 and self.lone_model is not None and balance.alone(LONE_FOR_S):
+            return self.lone_model
+        return self.model
 
     async def _hop(self, pixels: np.ndarray) -> np.ndarray:
         """One call to the shared model process (raw .npy both ways); its failures become 503/504."""
@@ -430,7 +414,7 @@ class ImageClassifier:
         return from_npy(out) if isinstance(out, (bytes, bytearray, memoryview)) else np.asarray(out)
 
 
-#: run_one decodes and runs the model in one thread hand-off only after this long with one request at a time.
+#: A request runs on the session with a thread per core after this long with no other request in the server.
 LONE_FOR_S = 1.0
 
 MODEL_BUSY = "The model is saturated; retry after the number of seconds in Retry-After."

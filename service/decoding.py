@@ -15,6 +15,8 @@ the event loop behind it. Each lane bounds the decoded images held in memory at 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -80,6 +82,10 @@ class Opened:
     costly: bool  # decoded in the costly lane
 
 
+#: ``then(pixels, done)``, in the decoding thread: settles ``done`` with the model's rows for uint8 [1, S, S, 3].
+Then = t.Callable[[np.ndarray, concurrent.futures.Future], None]
+
+
 class Decoder:
     """``await decoder(data)``: the model input (uint8 HWC) and drift statistics of one upload."""
 
@@ -94,8 +100,7 @@ class Decoder:
         self._last_ordinary = float("-inf")
 
     async def __call__(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        pixels, stats, _ = await self.decode(self.open(data))
-        return pixels, stats
+        return await self.decode(self.open(data))
 
     def open(self, data: bytes) -> Opened:
         """Read the header (on the event loop: nothing is decoded yet) and tell the lane; 4xx for a bad upload."""
@@ -103,38 +108,56 @@ class Decoder:
         size = upright_size(img)  # before draft shrinks img.size
         return Opened(data, img, size, plan_decode(img, self.spec, self.limits) > self.costly_pixels)
 
-    async def decode(
-        self, opened: Opened, then: t.Callable[[np.ndarray], np.ndarray] | None = None
-    ) -> tuple[np.ndarray, dict[str, float], np.ndarray | None]:
-        """The pixels and statistics of an opened upload; an ordinary image with ``then`` also has
-        ``then(pixels[None])`` run right after in the same thread (one hand-off instead of two), and the third item
-        is what it returned (None otherwise: a costly image is decoded in its own lane, ``then`` is not run)."""
-        loop = asyncio.get_running_loop()
-        if opened.costly:
-            start = time.perf_counter()
-            async with self._costly_turn:
-                pixels, stats, cpu = await loop.run_in_executor(
-                    self.costly, decode, opened.data, self.spec, self.limits
-                )
-                if time.monotonic() - self._last_ordinary < RECENT_S:
-                    await asyncio.sleep(cpu * (1 / COSTLY_CPU_SHARE - 1))
-            seconds, out = time.perf_counter() - start, None
-        else:
+    async def decode(self, opened: Opened) -> tuple[np.ndarray, dict[str, float]]:
+        """The pixels and statistics of an opened upload, from its lane."""
+        if not opened.costly:
             self._last_ordinary = time.monotonic()
-            pixels, stats, seconds, out = await loop.run_in_executor(
-                self.fast, self._decode, opened.img, opened.size, then
+            pixels, stats, seconds = await asyncio.get_running_loop().run_in_executor(
+                self.fast, self._decode, opened.img, opened.size
             )
-        metrics.get().preprocess_seconds.observe(seconds)
-        return pixels, stats, out
+            metrics.get().preprocess_seconds.observe(seconds)
+            return pixels, stats
+        start = time.perf_counter()
+        async with self._costly_turn:
+            pixels, stats, cpu = await asyncio.get_running_loop().run_in_executor(
+                self.costly, decode, opened.data, self.spec, self.limits
+            )
+            if time.monotonic() - self._last_ordinary < RECENT_S:
+                await asyncio.sleep(cpu * (1 / COSTLY_CPU_SHARE - 1))
+        metrics.get().preprocess_seconds.observe(time.perf_counter() - start)
+        return pixels, stats
 
-    def _decode(
-        self, img: Image.Image, size: tuple[int, int], then: t.Callable[[np.ndarray], np.ndarray] | None
-    ) -> tuple[np.ndarray, dict[str, float], float, np.ndarray | None]:
+    async def decode_then(self, opened: Opened, then: Then) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
+        """The pixels and statistics of an ordinary upload, and what ``then`` makes of its pixels in the thread
+        that decoded them (the model's rows: :class:`service.batching.ThreadBatcher`), with one hand-off to the
+        thread and one back."""
+        if opened.costly:
+            raise ValueError("a costly image is decoded in its own lane: use decode()")
+        self._last_ordinary = time.monotonic()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        decoded: list = []
+        self.fast.submit(self._decode_then, opened, then, done, decoded)
+        rows = await asyncio.wrap_future(done)
+        pixels, stats = decoded
+        return pixels, stats, rows
+
+    def _decode_then(self, opened: Opened, then: Then, done: concurrent.futures.Future, decoded: list) -> None:
+        if done.cancelled():  # the caller gave up (its deadline) while this waited for a thread
+            return
+        try:
+            pixels, stats, seconds = self._decode(opened.img, opened.size)
+        except Exception as exc:  # ApiError for an image that turns out undecodable
+            with contextlib.suppress(concurrent.futures.InvalidStateError):  # given up on meanwhile
+                done.set_exception(exc)
+            return
+        metrics.get().preprocess_seconds.observe(seconds)
+        decoded += [pixels, stats]  # read by the event loop once ``done`` is settled
+        then(pixels[None], done)
+
+    def _decode(self, img: Image.Image, size: tuple[int, int]) -> tuple[np.ndarray, dict[str, float], float]:
         start = time.perf_counter()
         pixels = resize(to_rgb(img, self.spec), self.spec)
-        stats = image_stats(pixels, size)
-        seconds = time.perf_counter() - start
-        return pixels, stats, seconds, None if then is None else then(pixels[None])
+        return pixels, image_stats(pixels, size), time.perf_counter() - start
 
     def close(self) -> None:
         self.fast.shutdown(wait=False)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
+import contextlib
 import json
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 
 import httpx
@@ -20,7 +24,7 @@ from starlette.routing import Route
 from imgcls.errors import ApiError
 from imgcls.model_files import ModelFilesError, open_model
 from service import balance, session, wire
-from service.batching import Batcher, in_process
+from service.batching import Batcher, ThreadBatcher, in_process
 from service.middleware import ApiKeyAuth, ConcurrencyLimit, Deadline, ErrorShape, KeepAliveLimit, UploadReceiver
 from service.parse import UPLOAD_KEY, UploadSpec
 from service.settings import Plan, Settings, SettingsError, cpu_count, help_text, resolve
@@ -480,13 +484,28 @@ class FakeModel:
         return pixels.reshape(len(pixels), -1)[:, :2].astype(np.float32)
 
 
-def test_in_process_batches_keep_each_callers_rows():
+@contextlib.contextmanager
+def batcher_for(kind: str, model: FakeModel, **options):
+    """A batcher of ``kind`` over ``model``: "thread" as in an API worker (ThreadBatcher, driven by a pool of two
+    decode threads), "loop" as in the shared model process (Batcher over in_process)."""
+    if kind == "loop":
+        yield Batcher(in_process(model), **options)
+        return
+    with ThreadPoolExecutor(2) as pool:
+        yield ThreadBatcher(lambda images: model, pool, **options)
+
+
+BATCHERS = ["thread", "loop"]
+
+
+@pytest.mark.parametrize("kind", BATCHERS)
+def test_in_process_batches_keep_each_callers_rows(kind):
     model = FakeModel(delay=0.02)
 
     async def go():
-        batcher = Batcher(in_process(model), max_batch_size=8, max_wait_s=10)
-        inputs = [np.full((1 + i % 3, 2), i, dtype=np.uint8) for i in range(40)]
-        return inputs, await asyncio.gather(*(batcher(x) for x in inputs))
+        with batcher_for(kind, model, max_batch_size=8, max_wait_s=10) as batcher:
+            inputs = [np.full((1 + i % 3, 2), i, dtype=np.uint8) for i in range(40)]
+            return inputs, await asyncio.gather(*(batcher(x) for x in inputs))
 
     inputs, outputs = run(go())
     for x, out in zip(inputs, outputs, strict=True):
@@ -495,37 +514,72 @@ def test_in_process_batches_keep_each_callers_rows():
     assert len(model.batches) < len(inputs)  # batches were formed
 
 
-def test_a_caller_holding_the_idle_model_makes_later_callers_wait_and_batch():
-    """A lone request runs the model in its decode thread (Batcher.holding); those arriving meanwhile go together."""
-    model = FakeModel(delay=0.02)
+def test_the_thread_that_finds_the_model_free_runs_it_then_what_queued_meanwhile():
+    """ThreadBatcher.run, as a decode thread calls it: the first caller runs the model at once in its own thread;
+    three arriving meanwhile queue, return at once, and go together in that same thread as the next batch."""
+    model = FakeModel(delay=0.1)
+    with ThreadPoolExecutor(1) as pool:
+        batcher = ThreadBatcher(lambda images: model, pool, max_batch_size=8, max_wait_s=10)
+        first = concurrent.futures.Future()
+        leader = threading.Thread(target=batcher.run, args=(np.zeros((1, 2), np.uint8), first))
+        leader.start()
+        time.sleep(0.03)  # the first call is running
+        later = [concurrent.futures.Future() for _ in range(3)]
+        for i, done in enumerate(later):
+            started = time.monotonic()
+            batcher.run(np.full((1, 2), i + 1, np.uint8), done)
+            assert time.monotonic() - started < 0.05 and not done.done()  # queued, not waited for
+        leader.join(5)
+    assert model.batches == [1, 3] and first.result().shape == (1, 2)
+    assert [int(done.result()[0, 0]) for done in later] == [1, 2, 3]
+    assert batcher._in_flight == 0 and batcher._seconds_per_image > 0
+
+
+def test_a_thread_batcher_gives_a_model_error_to_every_caller_in_the_call_and_keeps_serving():
+    class Broken(FakeModel):
+        def infer(self, pixels):
+            out = super().infer(pixels)
+            if len(self.batches) <= 2:  # the first call, and the one of the three that queued behind it
+                raise RuntimeError("onnxruntime failed")
+            return out
+
+    model = Broken(delay=0.02)
 
     async def go():
-        batcher = Batcher(in_process(model), max_batch_size=8, max_wait_s=10)
-        assert batcher.idle()
-        with batcher.holding(1) as held:
-            assert not batcher.idle()
-            with pytest.raises(RuntimeError):
-                with batcher.holding(1):
-                    pass
-            later = [asyncio.ensure_future(batcher(np.full((1, 2), i, np.uint8))) for i in range(3)]
-            await asyncio.sleep(0.05)
-            assert not any(f.done() for f in later) and model.batches == []  # waiting for the slot
-            held.seconds = await asyncio.to_thread(lambda: (model.infer(np.zeros((1, 2), np.uint8)), 0.02)[1])
-        outputs = await asyncio.gather(*later)
-        return batcher, outputs
+        with batcher_for("thread", model, max_batch_size=8, max_wait_s=10) as batcher:
+            failed = await asyncio.gather(
+                *(batcher(np.zeros((1, 2), np.uint8)) for _ in range(4)), return_exceptions=True
+            )
+            return failed, await batcher(np.zeros((1, 2), np.uint8))
 
-    batcher, outputs = run(go())
-    assert model.batches == [1, 3]  # the holder's own call, then the three waiting together
-    assert [int(o[0, 0]) for o in outputs] == [0, 1, 2] and batcher.idle()
-    assert batcher._seconds_per_image > 0  # the held call counts in the shedding estimate
+    failed, after = run(go())
+    assert all(isinstance(r, RuntimeError) for r in failed) and after.shape == (1, 2)
 
 
-def test_batcher_sheds_load_past_max_wait_with_503_and_retry_after():
+def test_a_caller_that_gives_up_is_not_run():
+    """A request past its deadline while queued (its future cancelled) is skipped when the next batch is taken."""
     model = FakeModel(delay=0.1)
 
     async def go():
-        batcher = Batcher(in_process(model), max_batch_size=2, max_wait_s=0.15, retry_after_s=3)
-        return await asyncio.gather(*(batcher(np.zeros((1, 2), np.uint8)) for _ in range(30)), return_exceptions=True)
+        with batcher_for("thread", model, max_batch_size=8, max_wait_s=10) as batcher:
+            first = asyncio.ensure_future(batcher(np.zeros((1, 2), np.uint8)))
+            await asyncio.sleep(0.03)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(batcher(np.ones((1, 2), np.uint8)), 0.02)
+            await first
+
+    run(go())
+    assert model.batches == [1]
+
+
+@pytest.mark.parametrize("kind", BATCHERS)
+def test_batcher_sheds_load_past_max_wait_with_503_and_retry_after(kind):
+    model = FakeModel(delay=0.1)
+
+    async def go():
+        with batcher_for(kind, model, max_batch_size=2, max_wait_s=0.15, retry_after_s=3) as batcher:
+            calls = (batcher(np.zeros((1, 2), np.uint8)) for _ in range(30))
+            return await asyncio.gather(*calls, return_exceptions=True)
 
     results = run(go())
     shed = [r for r in results if isinstance(r, ApiError)]
@@ -533,29 +587,32 @@ def test_batcher_sheds_load_past_max_wait_with_503_and_retry_after():
     assert (shed[0].status, shed[0].code, shed[0].retry_after) == (503, "overloaded", 3)
 
 
-def test_latency_after_a_burst_is_back_to_idle_at_once():
+@pytest.mark.parametrize("kind", BATCHERS)
+def test_latency_after_a_burst_is_back_to_idle_at_once(kind):
     """Nothing is learned from a burst: the next lone call goes straight to the model."""
     model = FakeModel(delay=0.01)
 
     async def go():
-        batcher = Batcher(in_process(model), max_batch_size=4, max_wait_s=10)
-        await asyncio.gather(*(batcher(np.zeros((1, 2), np.uint8)) for _ in range(200)))
-        started = time.monotonic()
-        await batcher(np.zeros((1, 2), np.uint8))
-        return time.monotonic() - started
+        with batcher_for(kind, model, max_batch_size=4, max_wait_s=10) as batcher:
+            await asyncio.gather(*(batcher(np.zeros((1, 2), np.uint8)) for _ in range(200)))
+            started = time.monotonic()
+            await batcher(np.zeros((1, 2), np.uint8))
+            return time.monotonic() - started
 
     assert run(go()) < 0.05
 
 
-def test_a_slow_model_with_room_for_big_batches_does_not_shed_a_second_caller():
+@pytest.mark.parametrize("kind", BATCHERS)
+def test_a_slow_model_with_room_for_big_batches_does_not_shed_a_second_caller(kind):
     """The wait a caller would face is counted in images ahead of it, not in full batches: two callers of a
     30 ms-per-image model are far from a 1 s budget, however large a batch could be."""
     model = FakeModel(delay=0.03)
 
     async def go():
-        batcher = Batcher(in_process(model), max_batch_size=64, max_wait_s=1.0)
-        await batcher(np.zeros((1, 2), np.uint8))  # the time per image is known from here on
-        return await asyncio.gather(*(batcher(np.zeros((1, 2), np.uint8)) for _ in range(3)), return_exceptions=True)
+        with batcher_for(kind, model, max_batch_size=64, max_wait_s=1.0) as batcher:
+            await batcher(np.zeros((1, 2), np.uint8))  # the time per image is known from here on
+            calls = (batcher(np.zeros((1, 2), np.uint8)) for _ in range(3))
+            return await asyncio.gather(*calls, return_exceptions=True)
 
     assert all(isinstance(r, np.ndarray) for r in run(go()))
 
