@@ -155,7 +155,7 @@ def to_rgb(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
     transparency on the spec's background colour."""
     try:
         img.load()  # the current frame: the first, as opened (n_frames would scan every frame)
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # turned upright in place; no copy of an upright photo
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             base = Image.new("RGB", rgba.size, spec.background)
@@ -166,7 +166,7 @@ def to_rgb(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
             arr = np.asarray(img, dtype=np.float32)
             hi = 65535.0 if arr.max() > 255 else 255.0
             img = Image.fromarray(np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8), "L")
-        return img.convert("RGB")
+        return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
     except Exception as exc:
         raise ApiError(
             400, "undecodable_image", f"The image could not be decoded ({exc}); it may be truncated."
