@@ -8,7 +8,7 @@ from PIL import Image
 
 from imgcls.errors import ApiError
 from imgcls.imagestats import STAT_FIELDS, image_stats
-from imgcls.preprocess import DecodeLimits, PreprocessSpec, preprocess_bytes
+from imgcls.preprocess import DecodeLimits, PreprocessSpec, preprocess_bytes, resize
 from tests.helpers import costly_webp, encode, png_bomb
 
 SPEC = PreprocessSpec(size=32)
@@ -90,6 +90,18 @@ def test_image_statistics_agree_with_their_definitions(side, kind):
         rel = 1e-4 if name == "entropy" else 1e-9
         assert stats[name] == pytest.approx(value, rel=rel, abs=1e-9), name
     assert (stats["width"], stats["height"], stats["aspect_ratio"]) == (side * 2, side, 2.0)
+
+
+@pytest.mark.parametrize("size", [(500, 375), (4032, 3024), (300, 1000), (225, 224), (224, 224), (60, 30)])
+def test_resizing_only_the_cropped_region_matches_resizing_all_then_cropping(size):
+    w, h = size
+    img = Image.fromarray(np.random.default_rng(w).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    scale = 224 / min(w, h)
+    nw, nh = max(224, round(w * scale)), max(224, round(h * scale))
+    left, top = (nw - 224) // 2, (nh - 224) // 2
+    whole = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0).crop((left, top, left + 224, top + 224))
+    diff = np.abs(resize(img, PreprocessSpec(size=224)).astype(int) - np.asarray(whole, dtype=int))
+    assert diff.max() <= 1 and diff.mean() < 0.002
 
 
 def test_exif_orientation_is_applied_and_reported():
