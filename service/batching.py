@@ -130,8 +130,8 @@ class ThreadBatcher(_Queue):
     A thread that finds the model free runs it at once on its own images, then on whatever queued meanwhile (up
     to ``max_batch_size`` images at a time) until nothing waits; one that finds it busy queues its images and is
     free again. So a request costs two thread hand-offs (to its decode thread and back with the answer), as in a
-    plain thread-pool server, where a batcher on the event loop costs four: at 4 clients on 2 cores, 3.6-5.0% more
-    requests per second (docs/benchmarks.md). ``model_for(images)`` picks the session for a batch.
+    plain thread-pool server, where a batcher on the event loop costs four (futex and eventfd wake-ups, measured in
+    docs/benchmarks.md). ``model_for(images)`` picks the session for a batch.
     """
 
     def __init__(
