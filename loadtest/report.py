@@ -134,6 +134,30 @@ def headline_table(result: dict) -> str:
     return "\n".join(rows)
 
 
+def side_by_side_table(result: dict) -> str:
+    """Markdown table of a comparison: each step's two measurements in one row, with the throughput ratio."""
+    service, baseline = result["targets"]["service"], result["targets"]["baseline"]
+    name = baseline["label"].split(" (")[0]
+    rows = [
+        f"| users | service req/s | p50 / p99 ms | CPU ms/req | {name} req/s | p50 / p99 ms | CPU ms/req | ratio |",
+        "|---:|---:|---|---:|---:|---|---:|---:|",
+    ]
+    theirs = {s["users"]: s for s in baseline["steps"]}
+    for ours in service["steps"]:
+        other = theirs.get(ours["users"])
+        cells = [str(ours["users"])]
+        for s in (ours, other):
+            if s is None:
+                cells += ["-", "-", "-"]
+                continue
+            latency = f"{_fmt(s['p50_ms'])} / {_fmt(s['p99_ms'])}"
+            cells += [_fmt(s["rps"], 1), latency, _fmt(s.get("server_cpu_ms_per_request"), 2)]
+        ratio = ours["rps"] / other["rps"] if other and other["rps"] > 0 else None
+        cells.append(f"{ratio:.2f}x" if ratio is not None else "-")
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def markdown(result: dict) -> str:
     """The ready-to-paste section for docs/benchmarks.md: machine, command, headline and per-step tables."""
     m, s = result["machine"], result["settings"]
@@ -151,6 +175,8 @@ def markdown(result: dict) -> str:
         "",
         headline_table(result),
     ]
+    if result.get("comparison") is not None:
+        lines += ["", "Step by step (the two targets in turn at each step):", "", side_by_side_table(result)]
     for t in result["targets"].values():
         metrics = t.get("metrics", {})
         extra = ""

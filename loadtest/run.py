@@ -3,9 +3,10 @@
 Starts the service (or uses ``--host``), runs Locust as a subprocess with the step load shape until the SLO
 breaks or the last step, scrapes /metrics before and after, and writes Locust's CSV and HTML reports, a
 results JSON, a markdown summary and a latency-vs-throughput chart. Exits 1 when the SLO gate fails.
-With ``--compare`` the identical scenario then runs against the FastAPI baseline, and the report gives the
-throughput ratio at an equal or lower p99: the service at its best step whose p99 is not above that of the
-baseline's best step within the SLO.
+With ``--compare`` the identical scenario also runs against a FastAPI baseline, both servers up, step by step in
+turn (:func:`measure_side_by_side`), and the report gives the throughput ratio at an equal or lower p99: the
+service at its best step whose p99 is not above that of the baseline's best step within the SLO, and the ratio
+at each step.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from loadtest import promscrape, report, servers
 from loadtest.images import COMPARE_MIX, DEFAULT_MIX, parse_mix
-from loadtest.stepstats import DEFAULTS, headline, step_schedule
+from loadtest.stepstats import DEFAULTS, headline, meets_slo, step_schedule
 
 log = logging.getLogger(__name__)
 
@@ -155,37 +156,81 @@ def _report_new_steps(steps_file: Path, reported: int) -> int:
     return len(steps)
 
 
-def measure(cfg: RunConfig, target: servers.Target, label: str, out_dir: Path, labels: str) -> dict:
-    """One stepped Locust run against ``target``: steps, headline and the /metrics difference."""
+def locust_steps(cfg: RunConfig, target: servers.Target, out_dir: Path, labels: str) -> tuple[dict, list[dict]]:
+    """One Locust run of ``cfg``'s steps against ``target``, its files in ``out_dir``: what ran (command, exit code,
+    folder) and the steps' results, each with the server's CPU per request when the runner started the server."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    planned = step_schedule(cfg.steps)
-    budget = cfg.warmup + len(planned) * cfg.step_duration + 120
-    before = promscrape.scrape(target.url)
+    budget = cfg.warmup + len(step_schedule(cfg.steps)) * cfg.step_duration + 120
     cmd = locust_command(cfg, target.url, out_dir, labels)
     code, samples = run_locust(cmd, out_dir, budget, servers.cpu_probe(target))
-    after = promscrape.scrape(target.url)
     steps_file = out_dir / "steps.json"
     if not steps_file.exists():
         raise RuntimeError(f"Locust finished (exit {code}) without step results; see {out_dir / 'locust.log'}")
     steps = json.loads(steps_file.read_text())["steps"]
     for step in steps:
         step["server_cpu_ms_per_request"] = cpu_per_request(step, samples)
+    return {"command": shlex.join(cmd), "exit_code": code, "folder": str(out_dir)}, steps
+
+
+def target_result(
+    cfg: RunConfig, target: servers.Target, label: str, runs: list[dict], steps: list[dict], before, after
+) -> dict:
+    """What the report keeps of one target: its Locust runs, steps, headline and the /metrics difference."""
     return {
         "label": label,
         "url": target.url,
         "started_by_runner": target.proc is not None,
-        "locust_command": shlex.join(cmd),
-        "locust_exit_code": code,
+        "locust_runs": runs,  # Locust's CSV and HTML reports and steps.json are in each run's folder
         "steps": steps,
         "headline": headline(steps, cfg.latency_objective_ms, cfg.max_error_rate),
         "metrics": promscrape.summarize(before, after, cfg.batch_metric),
-        "files": {
-            "locust_csv": str(out_dir / "locust_stats.csv"),
-            "locust_history_csv": str(out_dir / "locust_stats_history.csv"),
-            "locust_html": str(out_dir / "locust_report.html"),
-            "steps": str(steps_file),
-        },
     }
+
+
+def measure(cfg: RunConfig, target: servers.Target, label: str, out_dir: Path, labels: str) -> dict:
+    """One stepped Locust run against ``target``: steps, headline and the /metrics difference."""
+    before = promscrape.scrape(target.url)
+    run, steps = locust_steps(cfg, target, out_dir, labels)
+    return target_result(cfg, target, label, [run], steps, before, promscrape.scrape(target.url))
+
+
+def measure_side_by_side(
+    cfg: RunConfig, targets: dict[str, tuple[servers.Target, str]], out: Path, labels: str
+) -> dict[str, dict]:
+    """Each step against every target in turn, all of them up, the order reversed from one step to the next.
+
+    This box's speed drifts by several per cent over minutes (other tenants, turbo), and a comparison run target
+    after target put all of one target's steps in one stretch of it. Here each step's two measurements follow
+    each other and neither target always goes first. Each (step, target) is its own Locust run, in
+    ``out/<target>/step-NN-<users>u``: warm-up before a target's first step only, then each step's ``step_settle``
+    seconds unmeasured. A target stops after ``break_steps`` consecutive steps over the SLO; the other goes on.
+    """
+    names = list(targets)
+    before = {name: promscrape.scrape(target.url) for name, (target, _) in targets.items()}
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    steps: dict[str, list[dict]] = {name: [] for name in names}
+    breaks = dict.fromkeys(names, 0)
+    for index, users in enumerate(step_schedule(cfg.steps)):
+        for name in names if index % 2 == 0 else names[::-1]:
+            if cfg.break_steps and breaks[name] >= cfg.break_steps:
+                continue
+            one = replace(cfg, steps=str(users), warmup=0.0 if runs[name] else cfg.warmup, break_steps=0)
+            folder = out / name / f"step-{index + 1:02d}-{users}u"
+            run, measured = locust_steps(one, targets[name][0], folder, labels)
+            runs[name].append(run)
+            steps[name] += measured
+            ok = bool(measured) and meets_slo(measured[-1], cfg.latency_objective_ms, cfg.max_error_rate)
+            breaks[name] = 0 if ok else breaks[name] + 1
+    return {
+        name: target_result(cfg, target, label, runs[name], steps[name], before[name], promscrape.scrape(target.url))
+        for name, (target, label) in targets.items()
+    }
+
+
+def served_model_info(url: str) -> dict:
+    """What a running service says it serves (its model-info gauge: model, variant, provider); empty if unknown."""
+    samples = promscrape.scrape(url)
+    return promscrape.summarize(samples, samples).get("model_info") or {}
 
 
 def model_folder(tag: str) -> tuple[Path, str]:
@@ -227,23 +272,27 @@ def benchmark(cfg: RunConfig, command: str) -> dict:
         servers.wait_ready(target, cfg.ready_timeout)
     else:
         target = servers.start_service(tag, out / "service", env, cfg.ready_timeout)
+    started = [target]
     try:
-        result["targets"]["service"] = measure(cfg, target, "service", out / "service", labels)
+        if cfg.compare:
+            spec = servers.BASELINES[cfg.baseline]
+            # The expert runs the variant the service runs.
+            variant = spec.variant or served_model_info(target.url).get("variant") or cfg.variant or "int8"
+            baseline = servers.start_baseline(folder, tag, out / "baseline", spec, variant, cfg.ready_timeout)
+            started.append(baseline)
+            label = f"{cfg.baseline} ({variant}, {spec.describe()})"
+            pair = {"service": (target, "service"), "baseline": (baseline, label)}
+            result["targets"] = measure_side_by_side(cfg, pair, out, labels)
+        else:
+            result["targets"]["service"] = measure(cfg, target, "service", out / "service", labels)
     finally:
-        servers.stop(target)
+        for server in started:
+            servers.stop(server)
     info = result["targets"]["service"]["metrics"].get("model_info") or {}
     if info:  # what the service says it ran, from its model-info gauge
         result["targets"]["service"]["label"] = f"service ({info.get('variant')}, {info.get('provider')})"
         result["settings"]["model"] = info.get("model", result["settings"]["model"])
     if cfg.compare:
-        spec = servers.BASELINES[cfg.baseline]
-        variant = spec.variant or info.get("variant") or cfg.variant or "int8"  # the expert runs what the service ran
-        baseline = servers.start_baseline(folder, tag, out / "baseline", spec, variant, cfg.ready_timeout)
-        try:
-            label = f"{cfg.baseline} ({variant}, {spec.describe()})"
-            result["targets"]["baseline"] = measure(cfg, baseline, label, out / "baseline", labels)
-        finally:
-            servers.stop(baseline)
         result["comparison"] = report.comparison(
             result["targets"]["service"]["steps"], result["targets"]["baseline"]["headline"], cfg.max_error_rate
         )

@@ -267,8 +267,12 @@ def test_gate_and_comparison_table():
     result["targets"]["service"]["headline"] = None
     assert "no step met" in report.gate(result, 200.0, 0.001, 0, 0)["reasons"][0]
     result["targets"]["service"]["headline"] = result["targets"]["service"]["steps"][0]
+    result["targets"]["service"]["steps"].append({**result["targets"]["service"]["steps"][0], "users": 8})
     table = report.markdown(result)
     assert "| **service / baseline at p99 <= 150 ms** | **3.00x** | 4 |" in table
+    # Step by step: each service step beside the baseline's at the same users; "-" where the baseline had stopped.
+    assert "| 4 | 300.0 | 40 / 120 | - | 100.0 | 50 / 150 | - | 3.00x |" in table
+    assert "| 8 | 300.0 | 40 / 120 | - | - | - | - | - |" in table
 
 
 def test_locust_finds_the_users_and_the_shape_in_the_folder():

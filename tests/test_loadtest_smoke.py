@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -36,8 +37,9 @@ def test_runner_starts_service_and_baseline_measures_both_and_passes_a_lax_gate(
     for name in ("results.json", "results.md", "latency_vs_throughput.png"):
         assert (out / name).stat().st_size > 0, name
     for target in ("service", "baseline"):
-        for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_report.html", "steps.json"):
-            assert (out / target / name).stat().st_size > 0, f"{target}/{name}"
+        for step in ("step-01-1u", "step-02-2u"):  # a Locust run per step and target
+            for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_report.html", "steps.json"):
+                assert (out / target / step / name).stat().st_size > 0, f"{target}/{step}/{name}"
 
     result = json.loads((out / "results.json").read_text())
     assert result["gate"] == {"passed": True, "reasons": []}
@@ -55,6 +57,11 @@ def test_runner_starts_service_and_baseline_measures_both_and_passes_a_lax_gate(
         assert sum(s["failures"] for s in steps) == 0, json.dumps(steps, indent=1)
         names = {n for s in steps for n in s["per_name"]}
         assert "POST /classify [bad input]" in names and "POST /classify_batch [4 images]" in names, names
+    # Both servers up, the two targets in turn at each step, the order reversed from one step to the next.
+    (s1, s2), (b1, b2) = (result["targets"][t]["steps"] for t in ("service", "baseline"))
+    in_turn = [s1, b1, b2, s2]
+    assert all(a["window"][1] <= b["window"][0] for a, b in itertools.pairwise(in_turn)), in_turn
+    assert "| 2 | " in proc.stdout.split("Step by step")[1]  # the step-by-step table with its ratios
     metrics = result["targets"]["service"]["metrics"]
     assert metrics["available"] and metrics["mean_batch_size"] >= 1
     assert metrics["rejected_total"] > 0  # the bad inputs, counted by the service itself
