@@ -20,3 +20,12 @@ class ApiError(Exception):
 
     def __repr__(self) -> str:
         return f"ApiError({self.status}, {self.code!r}, {self.detail!r})"
+
+
+def size_text(n: int) -> str:
+    """A byte count as people read it in an error message: 64 MiB, 1.5 KiB, 300 bytes."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            value = n / (1 << shift)
+            return f"{value:.0f} {unit}" if value == int(value) or value >= 100 else f"{value:.1f} {unit}"
+    return f"{n} bytes"

@@ -2,8 +2,8 @@
 
 They are computed on the model-input array (after decode, orientation and resize), subsampled to
 about 64 px, which is exactly what the model sees; ``width``, ``height`` and ``aspect_ratio`` describe the
-original upload. It runs once per request, so it is written for few numpy calls on contiguous rows, in float64:
-about 0.1 ms at 224 px on a 2-core box. tests/test_preprocess.py checks it against the formulas written plainly.
+original upload. It runs once per request, so it is written for few numpy calls on contiguous rows, in float64.
+tests/test_preprocess.py checks it against the formulas written plainly.
 """
 
 from __future__ import annotations

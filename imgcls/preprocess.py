@@ -4,10 +4,11 @@ The exported ONNX graph takes uint8 NHWC pixels at the model's input size and do
 conversion and normalisation itself, so everything outside the graph is here: decode, apply EXIF
 orientation, bring any mode to RGB, resize the shorter side and centre-crop to a square.
 
-An upload is checked from its header before anything is decoded, against two budgets (:class:`DecodeLimits`):
-the pixels it declares, and the pixels the decoder must actually produce. JPEG decodes at a reduced scale
-(1/2 to 1/8) that still covers the model's input, so a 48 MP photo costs a sub-megapixel decode; every other
-format decodes in full, and a 2 KB lossless WebP can declare 7000x7000 pixels (about 1 s of CPU and 900 MB).
+An upload is checked from its header and structure before anything is decoded, against two budgets
+(:class:`DecodeLimits`): the pixels it declares, and what its decode will cost in CPU and memory
+(:class:`DecodeCost`). JPEG decodes at a reduced scale (1/2 to 1/8) that still covers the model's input, so a
+48 MP photo produces a sub-megapixel image, but its entropy-coded data is still read in full, once per scan of a
+progressive file; every other format decodes in full, and a 2 KB lossless WebP can declare 7000x7000 pixels.
 Only the first frame of an animation or a multi-page file is ever read.
 """
 
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from imgcls.errors import ApiError
 
@@ -39,8 +42,8 @@ _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.
 @dataclass(frozen=True)
 class DecodeLimits:
     """What one upload may cost. ``max_pixels``: pixels its header may declare (50 MP lets 48 MP phone photos
-    through). ``max_decode_pixels``: pixels the decoder may produce, after JPEG's reduced-scale decoding; 16 MP
-    bounds a full decode to about 0.3 s of CPU and a few hundred MB."""
+    through). ``max_decode_pixels``: the CPU and memory its decode may take, in decoded pixels' worth
+    (:class:`DecodeCost`): 16 MP bounds a decode to a few tenths of a second of CPU and a few hundred MB."""
 
     max_pixels: int = 50_000_000
     max_decode_pixels: int = 16_000_000
@@ -100,6 +103,47 @@ class PreprocessSpec:
             raise ValueError(f"{path}: {exc}") from exc
 
 
+#: Text metadata a PNG may carry, inflated when it is opened (Pillow's default is 64 MB).
+PNG_TEXT_BYTES = 1 << 20
+PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
+#: Bytes a decode holds per pixel it produces (Pillow keeps RGB as 4 bytes a pixel).
+BYTES_PER_PIXEL = 4
+#: JPEG work in decoded pixels' worth, from timings of libjpeg-turbo (docs/reliability.md): each pass over an 8x8
+#: block (every block, once per scan of a progressive file), and each byte of entropy-coded data.
+JPEG_BLOCK_PASS = 0.9
+JPEG_BYTE = {False: 0.6, True: 1.5}  # baseline, progressive (refinement scans cost more per byte)
+#: A progressive JPEG keeps every coefficient of the image while it decodes: 64 of 2 bytes per block.
+JPEG_COEFFICIENT_BYTES = 128
+SOS = b"\xff\xda"  # a JPEG start-of-scan marker; the entropy-coded data between scans never holds one
+#: The most pixels Pillow opens at all (twice its MAX_IMAGE_PIXELS), so the highest pixel limit that can be set.
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+_BOMB_SIZE = re.compile(r"\((\d+) pixels\)")
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """What decoding an opened image will cost, from its header and structure, before anything is decoded:
+    ``pixels`` produced, ``work`` (CPU, in decoded pixels' worth) and ``memory`` (bytes held)."""
+
+    pixels: int
+    work: int
+    memory: int
+
+    @property
+    def units(self) -> int:
+        """The larger of its CPU and memory cost, in decoded pixels' worth: what ``max_decode_pixels`` bounds."""
+        return max(self.work, self.memory // BYTES_PER_PIXEL)
+
+
+def _too_many_pixels(width: int, height: int, limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "too_many_pixels",
+        f"Image is {width}x{height} = {width * height:,} pixels; the limit is {limit:,} (IMGCLS_MAX_PIXELS). "
+        "Downscale it first.",
+    )
+
+
 def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Image:
     """Identify an upload from its header; refuse empty, unknown, unsupported or oversized images.
 
@@ -109,10 +153,27 @@ def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Imag
         raise ApiError(400, "empty_image", "The uploaded file is empty; send the image bytes.")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # limits.max_pixels decides, below
             img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError(413, "too_many_pixels", f"Image has too many pixels: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # over twice Pillow's MAX_IMAGE_PIXELS: it opens no such image
+        found = _BOMB_SIZE.search(str(exc))
+        pixels = f"{int(found.group(1)):,} pixels" if found else "more pixels than Pillow opens"
+        raise ApiError(
+            413,
+            "too_many_pixels",
+            f"Image is {pixels}; the limit is {min(limits.max_pixels, PILLOW_MAX_PIXELS):,} (IMGCLS_MAX_PIXELS). "
+            "Downscale it first.",
+        ) from None
+    except ValueError as exc:
+        if "text chunk" not in str(exc):
+            raise ApiError(
+                400, "undecodable_image", f"The file is not an image that can be read; send {ACCEPTED_NAMES}."
+            ) from exc
+        raise ApiError(
+            413,
+            "too_costly_to_decode",
+            f"The PNG carries more than {PNG_TEXT_BYTES >> 20} MiB of text metadata; re-save it without.",
+        ) from None
     except Exception as exc:  # Pillow raises several types for garbage input
         raise ApiError(
             400, "undecodable_image", f"The file is not an image that can be read; send {ACCEPTED_NAMES}."
@@ -121,33 +182,65 @@ def open_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Imag
         raise ApiError(415, "unsupported_format", f"Image format {img.format} is not supported; send {ACCEPTED_NAMES}.")
     width, height = img.size
     if width * height > limits.max_pixels:
-        raise ApiError(
-            413,
-            "too_many_pixels",
-            f"Image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels} "
-            "(IMGCLS_MAX_PIXELS). Downscale it first.",
-        )
+        raise _too_many_pixels(width, height, limits.max_pixels)
     return img
 
 
-def plan_decode(img: Image.Image, spec: PreprocessSpec, limits: DecodeLimits = DecodeLimits()) -> int:
-    """Set up the decode of an opened image and return the pixels it will produce; 413 when over the budget.
+def _jpeg_blocks(img: Image.Image, width: int, height: int) -> int:
+    """8x8 blocks of coefficients in a JPEG of ``width`` x ``height``, over its components and their sampling."""
+    layers = getattr(img, "layer", None) or [("", 1, 1, 0)] * len(img.getbands())
+    h_max = max(layer[1] for layer in layers) or 1
+    v_max = max(layer[2] for layer in layers) or 1
+    return sum(
+        math.ceil(math.ceil(width * layer[1] / h_max) / 8) * math.ceil(math.ceil(height * layer[2] / v_max) / 8)
+        for layer in layers
+    )
 
-    JPEG decodes at the smallest scale (1/2, 1/4, 1/8) that still covers the target size; every other format
-    decodes in full and must fit ``limits.max_decode_pixels`` as it is. Nothing is decoded yet.
+
+def plan_decode(
+    img: Image.Image, spec: PreprocessSpec, limits: DecodeLimits = DecodeLimits(), data: bytes = b""
+) -> DecodeCost:
+    """Set up the decode of an opened image and return what it will cost; 413 when over the budget.
+
+    JPEG decodes at the smallest scale (1/2, 1/4, 1/8) that still covers the target size, but its entropy-coded
+    data is read in full, once per scan of a progressive file, whose coefficients are all held meanwhile; ``data``
+    (the file) tells its scans and their bytes, and a file too short for its declared size is refused (400) as
+    truncated. Every other format decodes in full. Nothing is decoded yet.
     """
+    width, height = img.size  # as declared
+    work = memory = 0
+    what = f"A {img.format} image of {width}x{height} pixels, which must be decoded in full,"
+    advice = "downscale it or send a JPEG"
     if img.format in SCALED_DECODE:
         # EXIF rotation by 90 degrees swaps axes, but draft keeps both sides >= the target anyway.
         img.draft("RGB", (spec.size, spec.size))
-    width, height = img.size  # after draft: what the decoder will produce
-    if width * height > limits.max_decode_pixels:
+        if data:
+            blocks = _jpeg_blocks(img, width, height)
+            first_scan = data.find(SOS)
+            coded = len(data) - first_scan if first_scan >= 0 else 0
+            if coded * 8 < blocks:  # every block is coded with at least one bit
+                raise ApiError(
+                    400,
+                    "undecodable_image",
+                    f"The JPEG declares {width}x{height} pixels but holds data for far fewer: it is truncated. "
+                    "Send the whole file.",
+                )
+            progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+            scans = data.count(SOS, first_scan) if progressive else 1
+            work = int(blocks * scans * JPEG_BLOCK_PASS + coded * JPEG_BYTE[progressive])
+            memory = blocks * JPEG_COEFFICIENT_BYTES if progressive else 0
+            what = f"A {'progressive ' if progressive else ''}JPEG of {width}x{height} pixels in {scans} scan(s)"
+            advice = "downscale it, or save it as a baseline JPEG"
+    out_w, out_h = img.size  # after draft: what the decoder will produce
+    cost = DecodeCost(out_w * out_h, out_w * out_h + work, out_w * out_h * BYTES_PER_PIXEL + memory)
+    if cost.units > limits.max_decode_pixels:
         raise ApiError(
             413,
             "too_costly_to_decode",
-            f"A {img.format} image of {width}x{height} pixels must be decoded in full, over the "
-            f"{limits.max_decode_pixels} pixel budget (IMGCLS_MAX_DECODE_PIXELS); downscale it or send a JPEG.",
+            f"{what} costs as much to decode as {cost.units:,} pixels, over the {limits.max_decode_pixels:,} pixel "
+            f"budget (IMGCLS_MAX_DECODE_PIXELS); {advice}.",
         )
-    return width * height
+    return cost
 
 
 def to_rgb(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
@@ -205,7 +298,7 @@ def preprocess_bytes(
     """Bytes of an upload to the model's uint8 HWC input, plus the original (width, height); ApiError if unusable."""
     img = open_image(data, limits)
     size = upright_size(img)  # before draft mode shrinks img.size
-    plan_decode(img, spec, limits)
+    plan_decode(img, spec, limits, data)
     return resize(to_rgb(img, spec), spec), size
 
 
