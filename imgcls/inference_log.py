@@ -42,6 +42,8 @@ REQUIRED_FIELDS = ("time", "request_id", "model", "label", "confidence", *STAT_F
 FILE_PATTERN = re.compile(r"^inference-\d{8}T\d{6,12}-(\d+)\.jsonl$")
 THUMBNAIL_DIR = "unfamiliar"
 THUMBNAIL_SIDE = 96
+#: The writer looks for files past the size or age bound at least this often, not only when it opens a file.
+RETENTION_EVERY_S = 60.0
 
 
 def default_log_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -100,12 +102,17 @@ def encode(record: Mapping[str, Any]) -> bytes:
     return (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
 
 
+#: The times a record may carry: pandas and the drift job hold times as nanoseconds since 1970, up to 2262.
+EARLIEST, LATEST = datetime(2000, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
+
+
 def parse_line(line: str | bytes) -> dict[str, Any] | None:
     """A validated record (version 1 lines get the version 2 fields' defaults), or None for a torn, corrupt,
-    incomplete or unknown-version line (the caller counts those)."""
+    incomplete or unknown-version line, or one with a field of the wrong type or out of range (the caller counts
+    those): one bad line never stops a reader."""
     try:
         record = json.loads(line)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(record, dict) or record.get("v") not in READABLE_VERSIONS:
         return None
@@ -119,13 +126,20 @@ def parse_line(line: str | bytes) -> dict[str, Any] | None:
         numbers = [float(record["confidence"]), *(float(record[k]) for k in STAT_FIELDS)]
         if record["ood_score"] is not None:
             numbers.append(float(record["ood_score"]))
+        if not isinstance(record["embedding"], list) or not record["embedding"]:
+            return None
         embedding = [float(x) for x in record["embedding"]]
-        datetime.fromisoformat(record["time"])
-    except (TypeError, ValueError):
+        when = datetime.fromisoformat(record["time"])
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if when.tzinfo is None or not EARLIEST <= when <= LATEST:
         return None
     if not all(math.isfinite(x) for x in numbers + embedding):
         return None
-    if not isinstance(record["label"], str) or not isinstance(record["source"], str):
+    texts = ("label", "source", "model", "request_id")
+    if not all(isinstance(record[k], str) for k in texts) or not isinstance(record["variant"], str | None):
+        return None
+    if not isinstance(record["unfamiliar"], bool | None):
         return None
     return record
 
@@ -171,16 +185,20 @@ class InferenceLogWriter:
     A background thread drains a queue at least every ``flush_interval`` seconds and writes each
     batch of whole lines with a single ``write`` on an ``O_APPEND`` descriptor, then ``fsync``s, so
     a crash of the process (or the machine) loses at most the last interval and never leaves half a
-    line behind a whole one. Every process writes its own files (``inference-<UTC start>-<pid>.jsonl``),
-    so several workers never interleave, and a file that reaches ``max_bytes`` is closed and a new one
-    started: rotation without renames. When the folder's files pass ``max_total_bytes`` (or are older
-    than ``max_age_s``), the oldest ones no process is writing to are deleted.
+    line behind a whole one. A write that fails part-way (a full disk) is cut back to the last whole
+    record, so the next batch never lands on a fragment. Every process writes its own files
+    (``inference-<UTC start>-<pid>.jsonl``), so several workers never interleave, and a file that reaches
+    ``max_bytes`` is closed and a new one started: rotation without renames. When the folder's files pass
+    ``max_total_bytes``, or hold only records older than ``max_age_s``, the oldest ones no running process
+    is writing to are deleted, checked once a minute; with an age limit a file is also rotated every
+    ``max_age_s / 10`` (an hour at most), so no record outlives the limit by more than that.
 
     Thumbnails of unfamiliar images go to ``THUMBNAIL_DIR`` in the same folder, within ``thumbnail_bytes``, at
     most ``thumbnails_per_s`` a second (the first ones; the records of the others are written as usual): a sample
     to look at, where one per unfamiliar image would cost a JPEG encode and a file per request, and hold their
     pixels in memory while the disk stalls.
-    ``on_error`` and ``on_drop`` count failed writes and dropped records (the service's metrics).
+    ``on_error`` counts failed writes and ``on_drop(n)`` records lost, queue full or write failed (the service's
+    metrics).
     """
 
     def __init__(
@@ -195,7 +213,7 @@ class InferenceLogWriter:
         max_queue: int = 100_000,
         fsync: bool = True,
         on_error: Callable[[], None] | None = None,
-        on_drop: Callable[[], None] | None = None,
+        on_drop: Callable[[int], None] | None = None,
     ):
         self.folder = ensure_writable(folder)
         self.max_bytes, self.max_total_bytes, self.max_age_s = max_bytes, max_total_bytes, max_age_s
@@ -204,9 +222,12 @@ class InferenceLogWriter:
         self._thumbnail_burst = max(1.0, thumbnails_per_s) if thumbnails_per_s > 0 else 0.0
         self._thumbnail_tokens, self._tokens_at = self._thumbnail_burst, _time.monotonic()
         self.flush_interval, self.max_queue, self.fsync = flush_interval, max_queue, fsync
-        self.on_error, self.on_drop = on_error or (lambda: None), on_drop or (lambda: None)
-        self._last_prune = float("-inf")
+        self.on_error, self.on_drop = on_error or (lambda: None), on_drop or (lambda n: None)
+        self._last_prune = self._last_retention = float("-inf")
+        self._opened_at = float("-inf")
+        self.rotate_s = min(max_age_s / 10, 3600.0) if max_age_s else float("inf")
         self.dropped = 0  # records refused because the queue was full (disk stalled); logged
+        self.lost = 0  # records whose write failed; logged
         self._queue: queue.SimpleQueue[tuple[bytes, tuple[str, np.ndarray] | None]] = queue.SimpleQueue()
         self._fd: int | None = None
         self._size = 0
@@ -220,7 +241,7 @@ class InferenceLogWriter:
         """Queue one record (and a thumbnail of ``thumbnail`` pixels); never blocks the caller on disk."""
         if self._queue.qsize() >= self.max_queue:
             self.dropped += 1
-            self.on_drop()
+            self.on_drop(1)
             if self.dropped in (1, 100) or self.dropped % 10_000 == 0:
                 log.warning("inference log queue full (%d records): %d records dropped", self.max_queue, self.dropped)
             return
@@ -253,6 +274,8 @@ class InferenceLogWriter:
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval):
             self._drain()
+            if _time.monotonic() - self._last_retention > RETENTION_EVERY_S:
+                self._enforce_retention()
 
     def _drain(self) -> None:
         lines, thumbnails = [], []
@@ -268,20 +291,31 @@ class InferenceLogWriter:
             return
         try:
             self._write_lines(b"".join(lines))
-        except OSError:
+        except OSError as exc:
+            self.lost += len(lines)
             self.on_error()
-            log.exception("inference log: writing %d records to %s failed; they are lost", len(lines), self.folder)
+            self.on_drop(len(lines))
+            log.error("inference log: writing %d records to %s failed (%s); %d lost so far", len(lines),
+                      self.folder, exc, self.lost)  # fmt: skip
         if thumbnails:
             self._write_thumbnails(thumbnails)
 
     def _write_lines(self, data: bytes) -> None:
-        if self._fd is None or self._size >= self.max_bytes:
+        if self._fd is None or self._size >= self.max_bytes or _time.monotonic() - self._opened_at > self.rotate_s:
             self._open_new()
         view = memoryview(data)
-        while view:  # a regular file only writes short on a full disk; finish the batch or raise
-            view = view[os.write(self._fd, view) :]
-        if self.fsync:
-            os.fsync(self._fd)
+        try:
+            while view:  # a regular file only writes short on a full disk; finish the batch or raise
+                view = view[os.write(self._fd, view) :]
+            if self.fsync:
+                os.fsync(self._fd)
+        except OSError:
+            try:  # cut the file back to its last whole record, so the next batch does not extend a fragment
+                os.ftruncate(self._fd, self._size)
+            except OSError:  # the fragment stays; the next batch goes to a new file
+                os.close(self._fd)
+                self._fd = None
+            raise
         self._size += len(data)
 
     def _open_new(self) -> None:
@@ -292,18 +326,21 @@ class InferenceLogWriter:
         self.path = self.folder / f"inference-{stamp}-{os.getpid()}.jsonl"
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._size = os.fstat(self._fd).st_size
+        self._opened_at = _time.monotonic()
         log.info("inference log: writing %s", self.path)
         self._enforce_retention()
 
     def _enforce_retention(self) -> None:
-        """Delete the oldest files of the folder past the size or age bound, except files being written."""
+        """Delete the oldest files of the folder past the size or age bound, except files a running process
+        writes."""
+        self._last_retention = _time.monotonic()
         if not self.max_total_bytes and not self.max_age_s:
             return
         files = [p for p in log_files(self.folder) if p.parent == self.folder and FILE_PATTERN.match(p.name)]
-        newest_per_pid: dict[str, Path] = {}
+        newest_per_pid: dict[int, Path] = {}
         for p in files:  # oldest first: the last one seen per pid is the one it writes to
-            newest_per_pid[FILE_PATTERN.match(p.name).group(1)] = p
-        active = set(newest_per_pid.values())
+            newest_per_pid[int(FILE_PATTERN.match(p.name).group(1))] = p
+        active = {p for pid, p in newest_per_pid.items() if _running(pid)}
         sizes = {}
         for p in files:
             try:
@@ -329,13 +366,30 @@ class InferenceLogWriter:
         try:
             folder.mkdir(exist_ok=True)
             for request_id, pixels in thumbnails:
-                (folder / thumbnail_name(request_id)).write_bytes(thumbnail_jpeg(pixels))
-        except OSError:
-            log.exception("inference log: saving thumbnails in %s failed", folder)
+                path = folder / thumbnail_name(request_id)
+                partial = path.with_suffix(".partial")  # renamed once whole: a full disk leaves no empty image
+                try:
+                    partial.write_bytes(thumbnail_jpeg(pixels))
+                    partial.rename(path)
+                finally:
+                    partial.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("inference log: saving thumbnails in %s failed (%s)", folder, exc)
             return
         if _time.monotonic() - self._last_prune > 60:  # a scan per minute, not per flush
             self._last_prune = _time.monotonic()
             prune_oldest(folder, "*.jpg", self.thumbnail_bytes)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this pid runs (in this pid namespace: a pod's own folder, its own processes)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def prune_oldest(folder: Path, pattern: str, budget: int) -> None:

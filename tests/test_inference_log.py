@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -54,6 +55,12 @@ def test_record_round_trips_and_bad_lines_are_rejected():
     assert parse_line(json.dumps(broken)) is None
     future = {**json.loads(line), "v": 99}
     assert parse_line(json.dumps(future)) is None, "a version this code does not know is not guessed at"
+    good = json.loads(line)
+    for field, value in [("time", "9999-01-01T00:00:00+00:00"), ("time", "2026-01-01T00:00:00"),
+                         ("model", ["a", "b"]), ("label", 3), ("embedding", "0.1"), ("embedding", []),
+                         ("unfamiliar", "yes"), ("variant", {"x": 1})]:  # fmt: skip
+        assert parse_line(json.dumps({**good, field: value})) is None, f"{field}={value!r} was accepted"
+    assert parse_line(b"[" * 100_000) is None  # too deeply nested for the parser: a bad line, not a crash
 
 
 def test_version_1_lines_still_read_as_production_traffic():
@@ -190,3 +197,67 @@ def test_an_unwritable_log_folder_is_refused_with_what_to_do(tmp_path, monkeypat
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(PermissionError, match="not writable.*chown"):
         ensure_writable(tmp_path / "log")
+
+
+def test_a_write_that_fails_part_way_is_cut_back_and_its_records_counted(tmp_path, monkeypatch):
+    """A full disk mid-write: the partial batch is cut off the file, each of its records counted as lost, and the
+    next batch starts on a line of its own."""
+    lost, real_write, fail = [], os.write, [True]
+
+    def write_half_then_fail(fd, data):
+        if fail[0]:
+            fail[0] = False
+            real_write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    writer = InferenceLogWriter(tmp_path, flush_interval=60, on_drop=lost.append)
+    writer.write(record(0))
+    writer._drain()  # a whole first batch
+    monkeypatch.setattr(inference_log.os, "write", write_half_then_fail)
+    for i in range(1, 6):
+        writer.write(record(i))
+    writer._drain()  # fails half-way
+    writer.write(record(6))
+    writer.close()
+    assert lost == [5]
+    lines = [line for f in log_files(tmp_path) for line in f.read_bytes().splitlines(keepends=True)]
+    assert all(parse_line(line) is not None and line.endswith(b"\n") for line in lines)
+    assert sorted(r["request_id"] for r in read_all(tmp_path)) == ["req-0", "req-6"]
+
+
+def test_old_files_are_pruned_on_a_timer_even_while_one_is_still_written(tmp_path, monkeypatch):
+    """With an age limit the writer rotates its file every tenth of it and prunes by age once a minute (here a
+    tenth of a second), not only when a file is opened, so no record outlives the limit by much."""
+    monkeypatch.setattr(inference_log, "RETENTION_EVERY_S", 0.1)
+    writer = InferenceLogWriter(tmp_path, max_age_s=1.0, flush_interval=0.02)
+    started = time.monotonic()
+    i = 0
+    while time.monotonic() - started < 3:
+        writer.write(record(i))
+        i += 1
+        time.sleep(0.01)
+    ages = [time.time() - f.stat().st_mtime for f in log_files(tmp_path)]
+    oldest = min(int(r["request_id"][4:]) for r in read_all(tmp_path))
+    writer.close()
+    assert max(ages) < 1.0 + 0.5 and oldest > 0  # the first records are gone while the writer kept writing
+
+
+def test_files_of_processes_that_are_gone_are_not_protected(tmp_path):
+    dead = next(pid for pid in range(4_000_000, 4_200_000, 1000) if not _alive(pid))
+    stale = tmp_path / f"inference-20250101T000000-{dead}.jsonl"
+    stale.write_bytes(b"\n" * 4096)
+    writer = InferenceLogWriter(tmp_path, max_total_bytes=2048, flush_interval=0.02)
+    writer.write(record(0))
+    writer.close()
+    assert not stale.exists() and len(read_all(tmp_path)) == 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
