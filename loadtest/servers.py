@@ -56,23 +56,6 @@ def wait_ready(target: Target, timeout: float) -> None:
     )
 
 
-def private_bentoml_home(folder: Path) -> Path:
-    """A BentoML home of its own that sees the current model store and Bentos through links.
-
-    `bentoml serve` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts (BentoML 1.4.39),
-    so a second server on the same home silently freezes the /metrics of one already running there
-    (say, the user's `make serve`). A private home keeps each server's metrics its own.
-    """
-    shared = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
-    folder.mkdir(parents=True, exist_ok=True)
-    for store in ("models", "bentos"):
-        (shared / store).mkdir(parents=True, exist_ok=True)
-        link = folder / store
-        if not link.exists():
-            link.symlink_to((shared / store).resolve(), target_is_directory=True)
-    return folder
-
-
 def start_service(
     model: str | None, out_dir: Path, env_extra: dict[str, str], timeout: float = 300.0, target: str = "."
 ) -> Target:
@@ -84,7 +67,6 @@ def start_service(
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
-        "BENTOML_HOME": str(private_bentoml_home(out_dir / "bentoml_home")),
         "IMGCLS_LOG_DIR": str(out_dir / "inference_log"),
         **({"IMGCLS_MODEL": model} if model else {}),
         **env_extra,

@@ -1,4 +1,4 @@
-"""Answering: the model's outputs for one image to its JSON result, and every error to the one error response.
+"""Answering: the model's outputs for an image to its result, and the results' schema (what ``/docs`` shows).
 
 For each classified image :class:`Answerer` picks the top-k labels, scores how unfamiliar the image is
 (:mod:`imgcls.ood`), counts it in the metrics and queues its inference-log record (with a thumbnail when it
@@ -11,19 +11,42 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from starlette.responses import JSONResponse
+from pydantic import BaseModel, Field
 
-from imgcls.errors import ApiError
 from imgcls.inference_log import InferenceLogWriter, make_record
 from imgcls.ood import OodDetector
 from service import metrics
 
 
-def error_response(err: ApiError) -> JSONResponse:
-    """The JSON error response for ``err`` (with Retry-After when it has one); counted by its code."""
-    metrics.reject(err.code)
-    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+class Prediction(BaseModel):
+    label: str
+    score: float = Field(description="Probability of this label, 0..1")
+
+
+class ClassifyResult(BaseModel):
+    label: str = Field(description="The most likely label")
+    score: float = Field(description="Its probability, 0..1")
+    top_k: list[Prediction] = Field(description="The top_k most likely labels, most likely first")
+    unfamiliar: bool = Field(description="True when the image is unlike anything the model was trained on")
+    ood_score: float = Field(description="How unlike the training images it is; unfamiliar above the threshold")
+    model: str = Field(description="Tag of the model in the BentoML store")
+    request_id: str
+
+
+class BatchItem(BaseModel):
+    label: str | None = None
+    score: float | None = None
+    top_k: list[Prediction] | None = None
+    unfamiliar: bool | None = None
+    ood_score: float | None = None
+    error: str | None = Field(default=None, description="Set instead of label when this image was refused")
+    detail: str | None = None
+
+
+class ClassifyBatchResult(BaseModel):
+    results: list[BatchItem] = Field(description="One entry per uploaded image, in upload order")
+    model: str
+    request_id: str
 
 
 class Answerer:
@@ -57,6 +80,7 @@ class Answerer:
             ood = float(scores[i]) if math.isfinite(scores[i]) else 1e9
             unfamiliar = ood > 1.0
             self.metrics.predictions.labels(label=label).inc()
+            self.metrics.images.labels(source=source).inc()
             self.metrics.confidence.observe(score)
             self.metrics.ood_score.observe(ood)
             if unfamiliar:

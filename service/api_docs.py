@@ -118,7 +118,7 @@ ERRORS: dict[int, tuple[str, list[str], str]] = {
 #: In a batch, an image that cannot be decoded is refused in its own entry of the results (with its error and
 #: detail), not by a status of the whole request.
 PER_IMAGE = {415}
-#: With IMGCLS_API_KEY set, the ways a request may carry the key (service/middleware.py: ApiKeyAuth); any one.
+#: With IMGCLS_API_KEY set, the ways a request may carry the key (service/http.py: ApiKeyAuth); any one.
 SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer", "description": "The API key (IMGCLS_API_KEY)"},
     "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -179,7 +179,11 @@ def complete(spec: dict, version: str, info_model: type[BaseModel], api_key: boo
         if path == "/classify_batch":
             ok["description"] = BATCH_OK
         operation["responses"] = {"200": ok, **{str(s): error_response(s) for s in errors}}
-        operation.setdefault("requestBody", {})["required"] = True  # an upload without a body is refused (400)
+        body = operation.setdefault("requestBody", {})
+        body["required"] = True  # an upload without a body is refused (400)
+        for content in body.get("content", {}).values():
+            # BentoML gives every non-file field an encoding, which makes Swagger UI's "Try it out" send it as a file.
+            content.pop("encoding", None)
         if api_key:
             operation["security"] = SECURITY
     spec.pop("servers", None)  # BentoML's "." only adds a server menu; without it, the page's own host is used

@@ -1,164 +1,166 @@
-"""Decoding uploads off the event loop, in two lanes, so a few costly images cannot starve everyone else.
+"""Decoding uploads: the header read and the cost known before anything is decoded, costly images in a lane of their
+own that a request that gives up can stop.
 
-The header is read on the event loop (microseconds: nothing is decoded) and tells what the decode will cost:
-the pixels it must produce (JPEG at a reduced scale). Ordinary images go to the fast lane, ``threads`` decodes
-at a time in this process. An image over ``costly_pixels`` goes to the costly lane: one decode at a time per
-worker, in a process of its own that Linux runs only on CPU time nothing else wants (SCHED_IDLE), and while
-ordinary images are being decoded too, the lane rests after each costly decode nine times as long as the decode
-took: a tenth of a core per worker. Priority alone was not enough, as a costly decode floods the caches
-ordinary requests run in and, on virtual CPUs that are hyperthreads of one core, its execution units (a normal
-client kept 73-89% of its throughput beside four clients of costly images, with a quarter of a core). A
-process, not a thread: a low-priority thread holding the interpreter's lock while it waits for the CPU stalls
-the event loop behind it. Each lane bounds the decoded images held in memory at once.
+Everything here runs off the event loop. :func:`probe` reads an upload's header and structure and tells what its
+decode will cost (``imgcls/preprocess.py``: pixels, scans, coded bytes, memory): over the budget it is refused with
+413, and over ``costly_units`` it is costly. :func:`decode` then produces the model input and the drift statistics;
+an ordinary image is decoded by the API worker's thread that probed it.
+
+A costly image goes to the :class:`SlowLane`: one decode at a time per worker, in a child process that Linux runs
+only on CPU time nothing else wants (SCHED_IDLE), and that rests, while ordinary images are being decoded too, nine
+times as long as each costly decode took: a tenth of a core. Priority alone is not enough, as a costly decode floods
+the caches ordinary requests run in and, on virtual CPUs that are hyperthreads of one core, its execution units. A
+process, not a thread: a request that reaches its deadline kills its decode there, and a low-priority thread holding
+the interpreter's lock while it waits for the CPU would stall the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import multiprocessing
 import os
 import time
 import typing as t
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from imgcls.errors import ApiError
 from imgcls.imagestats import image_stats
 from imgcls.preprocess import (
+    DecodeCost,
     DecodeLimits,
     PreprocessSpec,
     open_image,
     plan_decode,
-    preprocess_bytes,
     resize,
     to_rgb,
     upright_size,
 )
-from service import metrics, supervision
 
 log = logging.getLogger(__name__)
 
-#: The share of one core the costly lane may use while ordinary images are decoded too.
-COSTLY_CPU_SHARE = 0.1
+#: Decodes costing more than this (in decoded pixels' worth) take the slow lane: a 12 MP phone JPEG costs about
+#: 3 million, a 1024x768 WebP under 1 million, a 4000x4000 PNG 16 million (docs/reliability.md).
+COSTLY_UNITS = 4_000_000
+#: The share of one core the slow lane may use while ordinary images are decoded too.
+SLOW_LANE_CPU_SHARE = 0.1
 #: Ordinary traffic is "there" when an ordinary image was decoded within this many seconds.
 RECENT_S = 1.0
-#: Decodes producing more pixels than this take the costly lane: a 12 MP phone JPEG decodes at 1/8 scale
-#: (0.2 MP) and a 1024x768 WebP in full (0.8 MP); a 4000x4000 PNG (16 MP) takes about 0.25 s of CPU.
-COSTLY_PIXELS = 4_000_000
 
-
-def _start_costly_lane() -> None:
-    """In the costly lane's process: die with the worker, and run only on CPU time nothing else wants (Linux's
-    SCHED_IDLE policy, else nice 19)."""
-    supervision.exit_with_supervisor(parent=os.getppid())
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        try:
-            os.nice(19)
-        except OSError as exc:
-            log.warning("could not lower the costly decode lane's priority: %s", exc)
-
-
-def decode(data: bytes, spec: PreprocessSpec, limits: DecodeLimits) -> tuple[np.ndarray, dict[str, float], float]:
-    """The model input and statistics of one upload, and the CPU seconds they took (the costly lane's job)."""
-    started = time.process_time()
-    pixels, size = preprocess_bytes(data, spec, limits)
-    return pixels, image_stats(pixels, size), time.process_time() - started
+Decoded = tuple[np.ndarray, dict[str, float]]  # the model input (uint8 HWC) and the drift statistics
 
 
 @dataclass
-class Opened:
-    """An upload whose header has been read: what :meth:`Decoder.decode` needs, and its lane."""
+class Probe:
+    """An upload whose header has been read: what :func:`decode` needs, and what it will cost."""
 
-    data: bytes
     img: Image.Image
     size: tuple[int, int]  # upright, before any reduced-scale decoding
-    costly: bool  # decoded in the costly lane
+    cost: DecodeCost
 
 
-#: ``then(pixels, done)``, in the decoding thread: settles ``done`` with the model's rows for uint8 [1, S, S, 3].
-Then = t.Callable[[np.ndarray, concurrent.futures.Future], None]
+def probe(data: bytes, spec: PreprocessSpec, limits: DecodeLimits) -> Probe:
+    """Read the header and structure of an upload and plan its decode; 4xx for a bad or too costly upload."""
+    img = open_image(data, limits)
+    size = upright_size(img)  # before draft shrinks img.size
+    return Probe(img, size, plan_decode(img, spec, limits, data))
 
 
-class Decoder:
-    """``await decoder(data)``: the model input (uint8 HWC) and drift statistics of one upload."""
+def decode(probed: Probe, spec: PreprocessSpec) -> Decoded:
+    """The model input and statistics of a probed upload."""
+    pixels = resize(to_rgb(probed.img, spec), spec)
+    return pixels, image_stats(pixels, probed.size)
 
-    def __init__(self, spec: PreprocessSpec, limits: DecodeLimits, threads: int, costly_pixels: int = COSTLY_PIXELS):
-        self.spec, self.limits, self.costly_pixels = spec, limits, costly_pixels
-        self.fast = ThreadPoolExecutor(threads, thread_name_prefix="decode")
-        # spawn, not fork: this worker runs threads (onnxruntime's, the log writer's) that a fork would copy mid-step
-        self.costly = ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_costly_lane
-        )
-        self._costly_turn = asyncio.Lock()
-        self._last_ordinary = float("-inf")
 
-    async def __call__(self, data: bytes) -> tuple[np.ndarray, dict[str, float]]:
-        return await self.decode(self.open(data))
+def decode_bytes(data: bytes, spec: PreprocessSpec, limits: DecodeLimits) -> Decoded:
+    """:func:`probe` then :func:`decode` (the slow lane's job)."""
+    return decode(probe(data, spec, limits), spec)
 
-    def open(self, data: bytes) -> Opened:
-        """Read the header (on the event loop: nothing is decoded yet) and tell the lane; 4xx for a bad upload."""
-        img = open_image(data, self.limits)
-        size = upright_size(img)  # before draft shrinks img.size
-        return Opened(data, img, size, plan_decode(img, self.spec, self.limits) > self.costly_pixels)
 
-    async def decode(self, opened: Opened) -> tuple[np.ndarray, dict[str, float]]:
-        """The pixels and statistics of an opened upload, from its lane."""
-        if not opened.costly:
-            self._last_ordinary = time.monotonic()
-            pixels, stats, seconds = await asyncio.get_running_loop().run_in_executor(
-                self.fast, self._decode, opened.img, opened.size
-            )
-            metrics.get().preprocess_seconds.observe(seconds)
-            return pixels, stats
-        start = time.perf_counter()
-        async with self._costly_turn:
-            pixels, stats, cpu = await asyncio.get_running_loop().run_in_executor(
-                self.costly, decode, opened.data, self.spec, self.limits
-            )
-            if time.monotonic() - self._last_ordinary < RECENT_S:
-                await asyncio.sleep(cpu * (1 / COSTLY_CPU_SHARE - 1))
-        metrics.get().preprocess_seconds.observe(time.perf_counter() - start)
-        return pixels, stats
+def _lane_main(conn: t.Any, spec: PreprocessSpec, limits: DecodeLimits) -> None:
+    """The slow lane's process: decode what comes down ``conn`` until it closes; runs only on idle CPU."""
+    from service.lifecycle import die_with_parent
 
-    async def decode_then(self, opened: Opened, then: Then) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
-        """The pixels and statistics of an ordinary upload, and what ``then`` makes of its pixels in the thread
-        that decoded them (the model's rows: :class:`service.batching.ThreadBatcher`), with one hand-off to the
-        thread and one back."""
-        if opened.costly:
-            raise ValueError("a costly image is decoded in its own lane: use decode()")
-        self._last_ordinary = time.monotonic()
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        decoded: list = []
-        self.fast.submit(self._decode_then, opened, then, done, decoded)
-        rows = await asyncio.wrap_future(done)
-        pixels, stats = decoded
-        return pixels, stats, rows
-
-    def _decode_then(self, opened: Opened, then: Then, done: concurrent.futures.Future, decoded: list) -> None:
-        if done.cancelled():  # the caller gave up (its deadline) while this waited for a thread
-            return
+    die_with_parent()
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(19)
+    while True:
         try:
-            pixels, stats, seconds = self._decode(opened.img, opened.size)
-        except Exception as exc:  # ApiError for an image that turns out undecodable
-            with contextlib.suppress(concurrent.futures.InvalidStateError):  # given up on meanwhile
-                done.set_exception(exc)
+            data = conn.recv_bytes()
+        except EOFError:
             return
-        metrics.get().preprocess_seconds.observe(seconds)
-        decoded += [pixels, stats]  # read by the event loop once ``done`` is settled
-        then(pixels[None], done)
+        start = time.process_time()
+        try:
+            pixels, stats = decode_bytes(data, spec, limits)
+            conn.send((pixels, stats, time.process_time() - start))
+        except ApiError as err:
+            conn.send(err)
 
-    def _decode(self, img: Image.Image, size: tuple[int, int]) -> tuple[np.ndarray, dict[str, float], float]:
-        start = time.perf_counter()
-        pixels = resize(to_rgb(img, self.spec), self.spec)
-        return pixels, image_stats(pixels, size), time.perf_counter() - start
+
+class SlowLane:
+    """``await lane.decode(data)``: a costly upload decoded in the lane's process, one at a time (see the module).
+
+    A caller that gives up (its deadline, a disconnect) while its image is being decoded kills the process, so the
+    CPU is free within moments; the next costly image starts a new one.
+    """
+
+    def __init__(self, spec: PreprocessSpec, limits: DecodeLimits):
+        self.spec, self.limits = spec, limits
+        self._turn = asyncio.Lock()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: t.Any = None
+        self.last_ordinary = float("-inf")  # when an ordinary image was last decoded (set by the caller)
+
+    def _start(self) -> None:
+        # spawn, not fork: the worker runs threads (onnxruntime's, the log writer's) that a fork would copy mid-step
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe()
+        self._process = context.Process(target=_lane_main, args=(child, self.spec, self.limits), daemon=True)
+        self._process.start()
+        child.close()
+        self._conn = parent
+
+    def _kill(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.join(timeout=5)
+            self._conn.close()
+        self._process = self._conn = None
+
+    async def decode(self, data: bytes) -> Decoded:
+        async with self._turn:
+            if self._process is None or not self._process.is_alive():
+                self._kill()
+                self._start()
+            conn, fd = self._conn, self._conn.fileno()
+            loop = asyncio.get_running_loop()
+            readable = loop.create_future()
+            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+            finished = False
+            try:
+                await loop.run_in_executor(None, conn.send_bytes, data)  # blocks while a new lane starts
+                await readable
+                result = conn.recv()
+                finished = True
+            except (EOFError, OSError):  # the lane died decoding it (a decoder crash, or the kernel's OOM killer)
+                result = ApiError(400, "undecodable_image", "Decoding the image failed; send a JPEG, PNG or WebP.")
+            finally:
+                loop.remove_reader(fd)
+                if not finished:  # the lane died, or the request gave up (cancelled): its decode stops now
+                    self._kill()
+            if isinstance(result, ApiError):
+                raise result
+            pixels, stats, cpu = result
+            if time.monotonic() - self.last_ordinary < RECENT_S:
+                await asyncio.sleep(cpu * (1 / SLOW_LANE_CPU_SHARE - 1))
+            return pixels, stats
 
     def close(self) -> None:
-        self.fast.shutdown(wait=False)
-        self.costly.shutdown(wait=False, cancel_futures=True)
+        self._kill()

@@ -12,7 +12,7 @@ import functools
 from types import SimpleNamespace
 
 PREFIX = "imgcls"
-# Seconds: preprocessing is ~1-30 ms, a model batch ~1 ms (GPU) to ~1 s (large CPU batch).
+# Seconds, from a small image's decode or a GPU batch to a large CPU batch.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -27,6 +27,11 @@ def get() -> SimpleNamespace:
 
     return SimpleNamespace(
         predictions=Counter(f"{PREFIX}_predictions", "Classified images by predicted (top-1) label", ["label"]),
+        images=Counter(
+            f"{PREFIX}_images",
+            "Classified images by traffic source (IMGCLS_TRAFFIC_SOURCES; drift judges production)",
+            ["source"],
+        ),
         confidence=Histogram(
             f"{PREFIX}_confidence", "Top-1 probability of classified images", buckets=CONFIDENCE_BUCKETS
         ),
@@ -55,10 +60,12 @@ def get() -> SimpleNamespace:
             multiprocess_mode="livemin",
         ),  # fmt: skip
         log_write_errors=Counter(
-            f"{PREFIX}_inference_log_write_errors", "Flushes of the inference log that failed (records lost)"
+            f"{PREFIX}_inference_log_write_errors",
+            "Writes of the inference log that failed (a full disk, an I/O error)",
         ),
         log_dropped=Counter(
-            f"{PREFIX}_inference_log_dropped", "Inference-log records dropped because the writer fell behind"
+            f"{PREFIX}_inference_log_dropped",
+            "Inference-log records lost: the writer fell behind, or their write failed",
         ),
         model_info=Gauge(
             f"{PREFIX}_model_info",

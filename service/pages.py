@@ -1,7 +1,7 @@
 """The pages for people, served beside the API: ``/ui`` to try the model in a browser, ``/info`` about the model
 a worker serves, and the API documentation at ``/docs`` (``/`` leads there).
 
-One Starlette app, mounted at "/" by :mod:`service.app`. BentoML puts mounted apps after its own routes in the
+One Starlette app, mounted at "/" by :mod:`service.service`. BentoML puts mounted apps after its own routes in the
 router, and matches a mounted Starlette app only on the paths it declares, so an API request never reaches this
 code; the service's middlewares (API key, error shape) apply here as everywhere.
 
@@ -21,7 +21,6 @@ import typing as t
 from collections.abc import Callable
 from pathlib import Path
 
-import bentoml
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,12 +31,10 @@ from imgcls import __version__
 from imgcls.errors import ApiError
 from imgcls.model_files import METRICS_FILE, ModelFiles
 from service import api_docs
-from service.answers import error_response
+from service.adaptations import SWAGGER_DIR
+from service.http import error_response
 
 UI_DIR = Path(__file__).parent / "ui"
-#: Swagger UI 5.12 as BentoML 1.4.39 ships it for its own page. No public API names this folder (a path inside
-#: the wheel, not an import); BentoML is pinned exactly, and the docs tests fail if an upgrade moves it.
-SWAGGER_DIR = Path(bentoml.__file__).parent / "_internal" / "server" / "static_content"
 
 #: Only this host's own files, no inline script or style; images may also be the photos the page previews.
 CSP = (

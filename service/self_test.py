@@ -5,7 +5,8 @@ Twice, for two reasons. Once in the process that starts the workers, before any 
 detectors, and the image through a CPU session of the file that will be served, so a model that cannot be
 served stops ``bentoml serve`` within seconds, with one message and a non-zero exit, instead of workers
 failing and restarting behind an open port. Then in every API worker (:func:`classify_test_image`), through
-its own decoder, batcher and model (or the shared model process), before ``/readyz`` answers 200.
+its own serving core (``service/core.py``: decoding, batching, the model or the model process), before
+``/readyz`` answers 200.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from imgcls.preprocess import preprocess_bytes
 from service import session
 
 if t.TYPE_CHECKING:
+    from service.core import Classifier
     from service.settings import Plan, Settings
 
 log = logging.getLogger(__name__)
@@ -78,19 +80,20 @@ def check_stored_model(folder: str | Path, plan: Plan, settings: Settings) -> No
     log.info("model check passed in %.2fs: %s (%s)", time.perf_counter() - start, folder, variant)
 
 
-async def classify_test_image(service: t.Any) -> None:
-    """The test image through this worker's decoder, batcher and model, as /classify runs one; waits while a shared
-    model starts."""
+async def classify_test_image(classifier: Classifier) -> None:
+    """The test image through a worker's serving core, as /classify runs one; waits while a shared model starts."""
     deadline = time.monotonic() + SHARED_MODEL_WAIT_S
     while True:
         try:
-            _, stats, rows = await service.run_one(test_image())
+            [outcome] = await classifier.infer([test_image()])
+        except ApiError as err:
+            outcome = err
+        if not isinstance(outcome, ApiError):
             break
-        except ApiError as err:  # the shared model process is not up yet
-            if err.status not in (503, 504) or time.monotonic() > deadline:
-                raise ModelFilesError(f"the test image got no answer from the model: {err.detail}") from None
-            await asyncio.sleep(0.5)
-    detector = service.answerer.detector
-    classes = len(service.answerer.labels)
-    score = float(detector.score(rows[:, classes:], [stats])[0])
-    check_outputs(np.asarray(rows), classes, score, "the model")
+        if outcome.status not in (503, 504) or time.monotonic() > deadline:  # 503/504: the model process starts
+            raise ModelFilesError(f"the test image got no answer from the model: {outcome.detail}")
+        await asyncio.sleep(0.5)
+    answerer = classifier.answerer
+    classes = len(answerer.labels)
+    score = float(answerer.detector.score(outcome.rows[:, classes:], [outcome.stats])[0])
+    check_outputs(np.asarray(outcome.rows), classes, score, "the model")

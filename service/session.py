@@ -7,8 +7,12 @@ stored model is checked against its sha256 before the session is created.
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
+import sys
 import time
+import typing as t
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +21,9 @@ import numpy as np
 from imgcls.model_files import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_PROBS, ModelFiles, ModelFilesError
 from imgcls.onnx_run import CPU, CUDA
 from service import metrics
+
+if t.TYPE_CHECKING:
+    from service.settings import Plan, Settings
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +58,14 @@ class ModelSession:
     model_file: Path
     classes: int
     pad_to_bucket: bool  # pad batches to powers of two so the GPU sees few shapes (cuDNN tunes per shape)
-    last_seconds: float = 0.0  # how long the last batch took in the session
 
     def infer(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] -> float32 [N, classes + embedding]: probabilities, then the embedding; counted in
         the metrics."""
         start = time.perf_counter()
         probs, embedding = self.run(pixels)
-        self.last_seconds = time.perf_counter() - start
         recorded = metrics.get()
-        recorded.model_seconds.observe(self.last_seconds)
+        recorded.model_seconds.observe(time.perf_counter() - start)
         recorded.batch_size.observe(len(pixels))
         return np.concatenate([probs, embedding], axis=1)
 
@@ -138,3 +143,100 @@ def warm_up(model: ModelSession, size: int, max_batch_size: int, runs: int) -> N
                     "model is inconsistent; re-run training."
                 )
     log.info("warm-up with batch sizes %s took %.2fs", sizes, time.perf_counter() - start)
+
+
+class Siblings:
+    """How busy the other processes the supervisor started (this worker's siblings) have lately been, in cores,
+    from the CPU time Linux counts for each (``/proc/<pid>/stat``)."""
+
+    #: The CPU time looked at: clock ticks are 10 ms, so a shorter window cannot tell a core from none.
+    WINDOW_S = 0.2
+
+    def __init__(self, parent: int | None = None):
+        self.parent = parent or os.getppid()
+        self.tick_s = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+        self._pids: list[int] = []
+        self._found_at = float("-inf")
+        self._readings: collections.deque[tuple[float, float]] = collections.deque()  # (when, their CPU seconds)
+
+    def _cpu_seconds(self) -> float:
+        now = time.monotonic()
+        if now - self._found_at > 5.0:  # workers are replaced now and then
+            try:
+                with open(f"/proc/{self.parent}/task/{self.parent}/children") as f:
+                    self._pids = [int(p) for p in f.read().split() if int(p) != os.getpid()]
+            except (OSError, ValueError):
+                self._pids = []
+            self._found_at = now
+        total = 0
+        for pid in self._pids:
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rpartition(b")")[2].split()  # after the command name, which may hold spaces
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
+        return total * self.tick_s
+
+    def busy_cores(self) -> float:
+        """Cores the siblings used over about the last ``WINDOW_S`` (0 until there are two readings)."""
+        now = time.monotonic()
+        self._readings.append((now, self._cpu_seconds()))
+        while len(self._readings) > 2 and now - self._readings[1][0] >= self.WINDOW_S:
+            self._readings.popleft()
+        (then, before), (_, after) = self._readings[0], self._readings[-1]
+        return (after - before) / (now - then) if now - then >= self.WINDOW_S else 0.0
+
+
+class Model:
+    """The model in an API worker: ``main`` for batches, and on the CPU ``lone``, with a thread per core, for an image
+    that finds the other workers idle (one client at a time would otherwise leave every core but one idle).
+
+    Whether they are idle is what the kernel counts of their CPU time, so no worker needs to tell the others what
+    it does; under load the main session runs alone. The kernel is asked at most every ``ASK_EVERY_S``: reading its
+    files hands the interpreter's lock to other threads.
+    """
+
+    ASK_EVERY_S = 0.05
+    #: The other workers together use less than this share of a core: they are idle.
+    IDLE_CORES = 0.25
+
+    def __init__(self, main: ModelSession, lone: ModelSession | None):
+        self.main, self.lone = main, lone
+        self.siblings = Siblings() if sys.platform.startswith("linux") else None
+        self.variant, self.provider = main.variant, main.provider
+        self._idle, self._asked_at = False, float("-inf")
+
+    def others_idle(self) -> bool:
+        """Whether the other workers have been idle lately (as of at most ``ASK_EVERY_S`` ago)."""
+        now = time.monotonic()
+        if self.siblings is not None and now - self._asked_at > self.ASK_EVERY_S:
+            self._idle, self._asked_at = self.siblings.busy_cores() < self.IDLE_CORES, now
+        return self._idle
+
+    def infer(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] -> float32 [N, classes + embedding], on the session the other workers' load allows."""
+        if self.lone is not None and len(pixels) == 1 and self.others_idle():
+            return self.lone.infer(pixels)
+        return self.main.infer(pixels)
+
+
+def open_served(files: ModelFiles, tag: str, plan: Plan, settings: Settings, strict_device: bool) -> ModelSession:
+    """The warmed-up session ``plan`` runs, shown in the model-info metric and the log."""
+    model = open_session(files, plan.device, settings.variant, plan.ort_threads, settings.ort_spin, strict_device)
+    warm_up(model, files.spec.size, plan.max_batch_size, settings.warmup_runs)
+    metrics.get().model_info.labels(model=tag, variant=model.variant, provider=model.provider).set(1)
+    threads = f" with {plan.ort_threads} threads" if model.device == "cpu" else ""
+    log.info("serving %s: %s (%s) on %s%s", tag, model.model_file.name, model.variant, model.provider, threads)
+    return model
+
+
+def open_in_worker(files: ModelFiles, tag: str, plan: Plan, settings: Settings) -> Model:
+    """The model in an API worker: its session and, on the CPU, one with a thread per core for an image alone."""
+    main = open_served(files, tag, plan, settings, strict_device=False)
+    lone = None
+    if plan.lone_threads and main.device == "cpu":
+        lone = open_session(files, "cpu", main.variant, plan.lone_threads, settings.ort_spin)
+        warm_up(lone, files.spec.size, 1, settings.warmup_runs)
+        log.info("an image that finds the other workers idle runs with %d threads", plan.lone_threads)
+    return Model(main, lone)

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from imgcls.inference_log import default_log_dir
+from imgcls.inference_log import PRODUCTION, default_log_dir
 from imgcls.model_files import DEFAULT_MODEL, VARIANTS
-from imgcls.preprocess import DecodeLimits
+from imgcls.preprocess import PILLOW_MAX_PIXELS, DecodeLimits
 
 _DECODE = DecodeLimits()
+SOURCE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 
 
 class SettingsError(ValueError):
@@ -40,7 +43,7 @@ class Settings:
     workers: int = _help("API worker processes; 0: one per core", 0)
     ort_threads: int = _help("onnxruntime threads per session; 0: the cores shared out among the sessions", 0)
     lone_threads: int = _help(
-        "onnxruntime threads for a request alone in the server (none other in any worker for a second); "
+        "onnxruntime threads for an image that finds the other API workers idle (a second session in each); "
         "0: every core, up to 8; 1: off",
         0,
     )
@@ -48,13 +51,15 @@ class Settings:
     max_batch_size: int = _help("largest batch the model sees; 0: 32 on the CPU, 128 on a GPU", 0)
     max_latency_ms: int = _help("an image waiting longer than this for the model is refused with 503", 1000)
     hop_in_flight: int = _help("placement shared: hop calls one API worker has in flight", 2)
-    decode_threads: int = _help("decodes in flight per API worker (each bounded by max_decode_pixels)", 2)
+    decode_threads: int = _help("threads per API worker that decode images and run the model", 2)
     max_body_bytes: int = _help("largest request body (every file of a batch together)", 64 << 20)
     max_image_bytes: int = _help("largest single uploaded file", 10 << 20)
     max_files: int = _help("most files per /classify_batch request", 64)
     max_pixels: int = _help("most pixels an image may declare in its header", _DECODE.max_pixels)
-    max_decode_pixels: int = _help("most pixels the decoder may produce (JPEG after reduced-scale decoding)",
-                                   _DECODE.max_decode_pixels)  # fmt: skip
+    max_decode_pixels: int = _help(
+        "most CPU and memory a decode may take, in decoded pixels' worth (JPEG: its scans and coded bytes count)",
+        _DECODE.max_decode_pixels,
+    )
     max_header_bytes: int = _help("largest request line plus headers, answered 431 above", 32 << 10)
     max_headers: int = _help("most header fields per request, answered 431 above", 100)
     header_timeout_s: float = _help("time a client has to send its request line and headers, answered 408 after", 20.0)
@@ -68,7 +73,15 @@ class Settings:
     )
     api_key: str = _help("when set, /classify, /classify_batch, /info and /ui need it (Bearer, X-API-Key or Basic)", "")
     api_key_file: str = _help("file holding the API key (a mounted secret); read once at start", "")
-    protect_metrics: bool = _help("with an API key, /metrics needs it too", False)
+    protect_metrics: bool = _help(
+        "with an API key, /metrics needs it too (it names the model and its labels); 0: Prometheus scrapes freely",
+        True,
+    )
+    traffic_sources: str = _help(
+        "traffic sources a client may name (X-Traffic-Source or the form field source); the drift job judges "
+        "production only, so set just production where clients are not trusted",
+        "production,loadtest,simulation",
+    )
     log_dir: str = _help("inference-log folder; empty: $BENTOML_HOME/inference_log", "")
     log_max_bytes: int = _help("rotate each inference-log file at this size", 64 << 20)
     log_max_total_bytes: int = _help("delete the oldest inference-log files past this total; 0: keep all", 8 << 30)
@@ -77,7 +90,7 @@ class Settings:
     thumbnails_per_s: float = _help("thumbnails of unfamiliar images saved per second per API worker, at most", 2.0)
     access_log: bool = _help(
         "BentoML's per-request log line in the API workers (off: the metrics and the inference log cover every "
-        "request, and the line costs a lone client 1-2 ms a request, docs/benchmarks.md)",
+        "request, and the line costs CPU on each one)",
         False,
     )
     tracing: bool = _help("BentoML's OpenTelemetry spans for the API routes (skipped otherwise: they cost CPU)", False)
@@ -133,10 +146,23 @@ class Settings:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"IMGCLS_{name.upper()} must be 0 or positive.")
+        if self.max_pixels > PILLOW_MAX_PIXELS:
+            raise SettingsError(f"IMGCLS_MAX_PIXELS can be at most {PILLOW_MAX_PIXELS}: Pillow opens no larger image.")
         if self.max_image_bytes > self.max_body_bytes:
             raise SettingsError("IMGCLS_MAX_IMAGE_BYTES cannot exceed IMGCLS_MAX_BODY_BYTES (the whole request).")
         if self.api_key and self.api_key_file:
             raise SettingsError("Set IMGCLS_API_KEY or IMGCLS_API_KEY_FILE, not both.")
+        bad = [name for name in self.sources if not SOURCE_NAME.match(name)]
+        if bad or PRODUCTION not in self.sources:
+            raise SettingsError(
+                f"IMGCLS_TRAFFIC_SOURCES={self.traffic_sources!r}: a comma-separated list of short names (letters, "
+                "digits, '_', '-', '.') that includes production."
+            )
+
+    @property
+    def sources(self) -> frozenset[str]:
+        """The traffic sources a client may name."""
+        return frozenset(name.strip().lower() for name in self.traffic_sources.split(",") if name.strip())
 
     @property
     def decode_limits(self) -> DecodeLimits:
@@ -169,14 +195,14 @@ class Plan:
     api_workers: int
     max_batch_size: int
     ort_threads: int  # per onnxruntime session (CPU)
-    lone_threads: int = 0  # threads of each API worker's second session, for a request alone in the server; 0: none
+    lone_threads: int = 0  # threads of each API worker's second session, for an image alone; 0: none
 
 
 #: The batch size a device gets when IMGCLS_MAX_BATCH_SIZE is 0: fp16 on a large GPU peaks near 128 (H100,
 #: ResNet-18); on the CPU throughput is flat past a few images, and larger batches only add latency.
 DEFAULT_BATCH = {"cpu": 32, "cuda": 128}
-#: The most threads a lone request gets by default, so that on a large machine one image does not wake dozens of
-#: threads for little gain (measured only on 2 cores: ResNet-18 int8 in 6.7-6.9 ms on two threads, 11.2-12.2 on one).
+#: The most threads a lone image gets by default, so that on a large machine one image does not wake dozens of
+#: threads for little gain.
 MAX_LONE_THREADS = 8
 
 
@@ -184,9 +210,9 @@ def resolve(settings: Settings, gpu_usable: bool, cpus: int) -> Plan:
     """The plan for ``settings`` on a machine with ``cpus`` cores, with or without a usable GPU.
 
     ``auto`` placement shares one model process on a GPU (one CUDA session, big batches) and keeps a model in
-    every API worker on the CPU (no HTTP hop between them). With a model in every CPU worker, each worker also
-    opens a session with more threads for a request that has the server to itself (one client at a time: its
-    image would otherwise run on one core while the others idle).
+    every API worker on the CPU (no HTTP hop between them). With a model in every CPU worker, the cores are shared
+    out among the sessions, and each worker also opens a session with more threads for an image that finds the
+    other workers idle (one client at a time: its image would otherwise run on one core while the others idle).
     """
     device = settings.device if settings.device != "auto" else ("cuda" if gpu_usable else "cpu")
     if device == "cuda" and not gpu_usable:
@@ -215,14 +241,41 @@ def cpu_count(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     return max(1, min(cores, limit))
 
 
-def help_text() -> str:
-    """Every ``IMGCLS_*`` variable with its default and meaning: ``python -m service.settings``."""
-    lines = ["IMGCLS_* environment variables of `bentoml serve` (default, meaning):", ""]
+def _shown(value: object) -> str:
+    return (str(value).lower() if isinstance(value, bool) else str(value)) or "(unset)"
+
+
+def help_text(environ: Mapping[str, str] | None = None) -> str:
+    """Every ``IMGCLS_*`` variable with its default, the value this environment sets, and its meaning."""
+    env = os.environ if environ is None else environ
+    lines = ["IMGCLS_* environment variables of `bentoml serve` (a value set here is marked with *):", ""]
     for f in fields(Settings):
-        default = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
-        lines.append(f"  IMGCLS_{f.name.upper():<22} {default or '(unset)':<22} {f.metadata['help']}")
+        key = f"IMGCLS_{f.name.upper()}"
+        raw = env.get(key, "").strip()
+        value = ("(set, hidden)" if f.name == "api_key" else raw) if raw else _shown(f.default)
+        lines.append(f"  {key:<29} {'*' if raw else ' '}{value:<22} {f.metadata['help']}")
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service.settings``: list the settings with this environment's values; exit 2 when one is bad."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m service.settings",
+        description="List every IMGCLS_* setting of the service with its default and the value this environment "
+        "gives it, and check them as `bentoml serve` would.",
+        epilog="Exit status: 0 the settings are valid, 2 one is not (the message says which and why).",
+    )
+    parser.parse_args(argv)
     print(help_text())
+    try:
+        Settings.from_env()
+    except SettingsError as exc:
+        print(f"\nimgcls: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

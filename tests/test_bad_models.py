@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from imgcls.model_files import MANIFEST_FILE, VARIANT_FILES, write_manifest
-from loadtest.servers import free_port, private_bentoml_home
+from loadtest.servers import free_port
 from tests.helpers import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -75,7 +75,6 @@ def test_an_unservable_model_stops_the_server_with_one_clear_message(tiny_model,
         write_manifest(folder, [n for n in recorded if (folder / n).exists()])
     env = {
         **os.environ,
-        "BENTOML_HOME": str(private_bentoml_home(tmp_path / "home")),
         "IMGCLS_MODEL": str(model.tag),
         "IMGCLS_DEVICE": "cpu",
         "IMGCLS_LOG_DIR": str(tmp_path / "log"),

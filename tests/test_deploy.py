@@ -276,7 +276,7 @@ def test_adapter_query_gives_one_value_per_pod_that_rises_with_load(server, tmp_
     def client() -> None:
         while not stop.is_set():
             files = {"image": ("p.jpg", photo, "image/jpeg")}
-            requests.post(server.url + "/classify", files=files, headers={"X-Traffic-Source": "test"}, timeout=60)
+            requests.post(server.url + "/classify", files=files, headers={"X-Traffic-Source": "loadtest"}, timeout=60)
 
     def sample(seconds: float) -> list[float]:
         values, end = [], time.monotonic() + seconds

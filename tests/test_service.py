@@ -32,6 +32,9 @@ from tests.helpers import (
     metric_values,
     photo,
     png_bomb,
+    scan_bomb,
+    start_server,
+    text_chunk_png,
     total,
 )
 
@@ -91,10 +94,10 @@ def test_classify_jpeg_returns_label_scores_model_and_request_id(server, tiny_mo
 
 
 def test_a_client_alone_gets_the_same_answers_from_every_core(server, photo_jpeg):
-    """One request at a time for a second runs on the session with a thread per core (service/app.py: run_one); its
-    answers are those of the one-thread session that concurrent requests use."""
+    """One request at a time, the other workers idle, runs on the session with a thread per core
+    (service/session.py: Model); its answers are those of the one-thread session that concurrent requests use."""
     if cpu_count() > 1:
-        assert re.search(r"a request alone in the server runs with \d+ threads", server.output())
+        assert re.search(r"an image that finds the other workers idle runs with \d+ threads", server.output())
     time.sleep(1.2)
     alone = classify(server, photo_jpeg, top_k="3").json()["top_k"]
     with ThreadPoolExecutor(4) as pool:
@@ -143,11 +146,33 @@ def test_exif_orientation_is_applied(server):
         (encode(photo(), "JPEG")[:3000], 400, "undecodable_image"),  # truncated
         (encode(photo(64, 48), "PPM"), 415, "unsupported_format"),
         (png_bomb(), 413, "too_many_pixels"),
+        (png_bomb(12_000, 12_000), 413, "too_many_pixels"),  # past Pillow's own ceiling: our words and limit
+        (encode(photo(900, 900), "JPEG")[:1500] + b"\xff\xd9", 400, "undecodable_image"),  # ends early, "complete"
+        (scan_bomb(2000, 300), 413, "too_costly_to_decode"),
+        (text_chunk_png(4), 413, "too_costly_to_decode"),
     ],
-    ids=["empty", "garbage", "truncated_jpeg", "ppm_unsupported", "png_bomb_40000x40000"],
+    ids=[
+        "empty",
+        "garbage",
+        "truncated_jpeg",
+        "ppm_unsupported",
+        "png_bomb_40000x40000",
+        "png_bomb_144mp",
+        "declares_more_than_it_holds",
+        "progressive_scan_bomb",
+        "png_text_bomb",
+    ],  # fmt: skip
 )
 def test_bad_uploads_get_4xx_json(server, data, status, code):
     assert_error(classify(server, data), status, code)
+
+
+def test_oversized_images_are_refused_in_our_words_and_limit(server):
+    """Over Pillow's own ceiling as under it: the project's message, its limit and its setting."""
+    for side in (7500, 12_000):
+        detail = classify(server, png_bomb(side, side)).json()["detail"]
+        assert f"{side * side:,} pixels; the limit is 50,000,000 (IMGCLS_MAX_PIXELS)" in detail, detail
+        assert "DOS" not in detail
 
 
 def test_limits_are_per_image_and_per_request(server):
@@ -289,6 +314,7 @@ def test_metrics_move_and_pass_promtool(server, photo_jpeg):
         ("imgcls_model_seconds_count", None),
         ("imgcls_batch_size_count", None),
         ("imgcls_ood_score_count", None),
+        ("imgcls_images_total", ("source", "production")),
     }
     grew = {}
     for name, label_pair in counts:
@@ -302,6 +328,24 @@ def test_metrics_move_and_pass_promtool(server, photo_jpeg):
     text = requests.get(server.url + "/metrics", timeout=10).text
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_second_server_on_the_same_home_leaves_the_first_ones_metrics_alone(server, tiny_model, tmp_path):
+    """`bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it starts; each server here keeps its
+    metrics in a folder of its own, so a second one (the fp32 variant of the same model) changes nothing on the
+    first one's /metrics."""
+    classify(server, jpeg())
+    before = metric_values(server.url)
+    second = start_server(".", {"IMGCLS_MODEL": tiny_model, "IMGCLS_DEVICE": "cpu", "IMGCLS_VARIANT": "fp32"}, tmp_path)
+    try:
+        classify(second, jpeg())
+        first, other = metric_values(server.url), metric_values(second.url)
+    finally:
+        second.stop()
+    variants = lambda values: {dict(lbls)["variant"] for (n, lbls), v in values.items() if n == "imgcls_model_info"}  # noqa: E731
+    assert variants(first) == {"int8"} and variants(other) == {"fp32"}
+    assert total(first, "imgcls_ready") == total(before, "imgcls_ready") >= 1
+    assert total(first, "imgcls_predictions_total") >= total(before, "imgcls_predictions_total") > 0
 
 
 def test_every_classified_image_is_logged_within_seconds(server, tiny_model, photo_jpeg):

@@ -20,25 +20,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 SERVICE = """
 import os
 import bentoml
-from service import supervision
+from service import adaptations, lifecycle
+from service.settings import Settings
 
-if not supervision.in_worker():
-    supervision.protect_control_socket()
+adaptations.install(Settings(), "Probe", 2)
 
 
 @bentoml.service(workers=2)
 class Probe:
-    @bentoml.on_deployment
-    def setup() -> None:
-        supervision.become_supervisor()
-
-    def __init__(self) -> None:
-        supervision.exit_with_supervisor()
-
     @bentoml.on_startup
     async def check(self) -> None:
         if os.environ.get("PROBE_FAIL"):
-            supervision.stop_server("the probe cannot serve")
+            lifecycle.stop_server("the probe cannot serve")
 
     @bentoml.api
     def hello(self) -> str:
