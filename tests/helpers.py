@@ -182,3 +182,22 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     if check and proc.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
     return proc
+
+
+def scan_bomb(side: int = 7000, repeats: int = 700) -> bytes:
+    """A progressive JPEG of one colour that declares ``side`` x ``side`` and repeats its last refinement scan
+    ``repeats`` times: a few hundred KB, each scan a pass over every coefficient of the full-size image."""
+    data = encode(Image.new("RGB", (side, side), (90, 140, 200)), "JPEG", quality=50, progressive=True)
+    last, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    return data[:end] + data[last:end] * repeats + data[end:]
+
+
+def text_chunk_png(chunks: int = 60, chunk_bytes: int = 1 << 20) -> bytes:
+    """A small PNG carrying ``chunks`` zTXt chunks that each inflate to ``chunk_bytes``: tens of KB on the wire."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = encode(photo(64, 48), "PNG")
+    text = b"".join(chunk(b"zTXt", b"k%d\0\0" % i + zlib.compress(b" " * chunk_bytes, 9)) for i in range(chunks))
+    return png[:33] + text + png[33:]  # after the signature and IHDR
