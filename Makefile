@@ -69,7 +69,7 @@ deploy-render: ## print the Kubernetes objects of deploy/cpu, deploy/gpu, deploy
 test-container: setup system-deps container-base ## build the images, run them with podman (and kube play the manifests)
 	$(BIN)/pytest -m container
 
-test-reliability: setup system-deps ## attacks and failures beside a normal client (about 3 minutes; docs/reliability.md)
+test-reliability: setup system-deps ## only the attacks and failures beside a normal client (about 5 minutes; docs/reliability.md)
 	$(BIN)/pytest -m reliability -s
 
 bench: setup ## model-stage benchmark, then the full load-test comparison against the FastAPI baseline

