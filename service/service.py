@@ -244,7 +244,8 @@ def worker_model_info() -> pages.ModelInfo | None:
 # The first added is the outermost: error bodies of other shapes are reshaped, then the API key checked before a
 # body is read.
 ImageClassifier.add_asgi_middleware(ErrorShape, retry_after_s=SETTINGS.retry_after_s)
-ImageClassifier.add_asgi_middleware(ApiKeyAuth, key=API_KEY, paths=PROTECTED)
+if API_KEY:
+    ImageClassifier.add_asgi_middleware(ApiKeyAuth, key=API_KEY, paths=PROTECTED)
 # /ui, /info, /docs, /docs.json and / (to /docs). Mounted apps come after the API routes in BentoML's router and
 # match only the paths they declare, so the API routes never run this code.
 ImageClassifier.mount_asgi_app(

@@ -203,13 +203,14 @@ class Upload:
     source: str
 
 
-async def parse_upload(limits: UploadLimits, headers: Headers, query: QueryParams, path: str, body: bytes) -> Upload:
-    """The files and fields of a request body; ApiError (4xx) for anything unusable."""
+async def parse_upload(limits: UploadLimits, headers: Headers, query: bytes, path: str, body: bytes) -> Upload:
+    """The files and fields of a request body (``query``: the raw query string); ApiError (4xx) for anything
+    unusable."""
     content_type = headers.get("content-type", "")
     if limits.raw_body and is_raw_image(content_type):
         _check_size(limits, body, 0)
         source = traffic_source(headers.get("x-traffic-source"), limits.sources)
-        return Upload([body], parse_top_k(query.get("top_k")), source)
+        return Upload([body], parse_top_k(QueryParams(query).get("top_k") if query else None), source)
     if not content_type.lower().startswith("multipart/form-data"):
         raise ApiError(
             400,
@@ -279,7 +280,7 @@ async def parse_upload(limits: UploadLimits, headers: Headers, query: QueryParam
             "too_many_files",
             f"{_files_text(len(files))} sent; at most {limits.max_files} per request (IMGCLS_MAX_FILES).",
         )
-    top_k = parse_top_k(fields.get("top_k", query.get("top_k")))
+    top_k = parse_top_k(fields.get("top_k", QueryParams(query).get("top_k") if query else None))
     source = traffic_source(fields.get("source", headers.get("x-traffic-source")), limits.sources)
     return Upload(files, top_k, source)
 
@@ -308,7 +309,8 @@ def configure(settings: Settings) -> None:
 async def _upload(cls: type, request: Request) -> Upload:
     limits = _Receiving.limits[cls.__name__]
     body = await receive_body(request, limits, _Receiving.budget)
-    return await parse_upload(limits, request.headers, request.query_params, request.url.path, body)
+    scope = request.scope
+    return await parse_upload(limits, request.headers, scope.get("query_string", b""), scope["path"], body)
 
 
 class ImageUpload(bentoml.IODescriptor):

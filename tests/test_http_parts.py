@@ -47,7 +47,7 @@ def _upload_app(limits: UploadLimits = LIMITS, budget: BodyBudget | None = None)
     async def handler(request: Request):
         try:
             body = await receive_body(request, limits, budget)
-            upload = await parse_upload(limits, request.headers, request.query_params, request.url.path, body)
+            upload = await parse_upload(limits, request.headers, request.scope["query_string"], request.url.path, body)
         except ApiError as err:
             return error_response(err)
         return JSONResponse({"files": len(upload.files), "top_k": upload.top_k, "source": upload.source})
