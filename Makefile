@@ -14,6 +14,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml
+	@echo "Installing the project and its tools into $(VENV) (the first time: a few minutes, quietly)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
@@ -32,8 +33,15 @@ system-deps: ## install Debian's prometheus (with promtool), prometheus-pushgate
 train: setup ## generate the demo data, train, export fp32/fp16/int8 and save to the BentoML model store
 	$(PY) -m training --demo
 
-demo: train ## set up, train on the demo data, store, then serve on port 3000 (or $BENTOML_PORT)
-	$(MAKE) serve
+demo: stored-model ## set up, train the demo model if none is stored yet, then serve on port 3000 (or $BENTOML_PORT)
+	@echo ""
+	@echo "Starting the service. Once it logs 'self-test passed: ready' (a few seconds), open"
+	@echo "  http://127.0.0.1:$(PORT)/ui     to try the model in a browser"
+	@echo "  http://127.0.0.1:$(PORT)/docs   for the API, or from another shell:"
+	@echo "  curl -F image=@photo.jpg http://127.0.0.1:$(PORT)/classify"
+	@echo "Ctrl+C stops it. 'make train' trains the demo model again."
+	@echo ""
+	$(MAKE) --no-print-directory serve
 
 serve: setup ## serve the latest stored model on port 3000 (or $BENTOML_PORT), no retraining
 	$(BIN)/bentoml serve . --host $(HOST) --port $(PORT)
@@ -44,12 +52,13 @@ test: setup system-deps ## set up and run every test, the container's too (GPU t
 	@if [ "$$(id -u)" = 0 ]; then bash container/base.sh; else echo "not root: the container tests will skip"; fi
 	$(BIN)/pytest
 
-monitor: setup system-deps ## Prometheus (rules, :9090) watching the service on :3000 ($BENTOML_PORT) and the drift Pushgateway
-	$(PY) -m monitoring.monitor
+monitor: setup system-deps ## Prometheus (rules, :9090) watching the service on :3000 ($BENTOML_PORT) and the drift Pushgateway; ARGS='--port 9190' for others
+	$(PY) -m monitoring.monitor $(ARGS)
 
 stored-model: setup
 	@$(BIN)/bentoml models get $${IMGCLS_MODEL:-image-classifier:latest} >/dev/null 2>&1 || \
-	  { echo "No model $${IMGCLS_MODEL:-image-classifier:latest} in the store: training the demo model first"; $(PY) -m training --demo; }
+	  { echo "No model $${IMGCLS_MODEL:-image-classifier:latest} in the store: training the demo model first (a few minutes on 2 cores)"; \
+	    $(PY) -m training --demo; }
 
 container-base: ## podman and the base image the Bento's Dockerfile needs (a stand-in where no registry serves it)
 	bash container/base.sh

@@ -50,6 +50,21 @@ def answers(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+#: Prometheus's pages the monitor points to; Debian's package ships only the classic UI, under /classic/.
+PAGES = {
+    "targets": "targets",
+    "alerts": "alerts",
+    "rules": "rules",
+    "graph": "graph?g0.expr=job_endpoint:bentoml_service_request:rate5m&g0.tab=0",
+}
+
+
+def page_links(base: str) -> dict[str, str]:
+    """The URL of each of :data:`PAGES` on the Prometheus at ``base``: its React UI, else its classic one."""
+    prefix = "" if answers(f"{base}/graph") else "classic/"
+    return {name: f"{base}/{prefix}{path}" for name, path in PAGES.items()}
+
+
 def binary(name: str) -> str:
     """The path of a Debian binary, or exit with what to install."""
     path = shutil.which(name)
@@ -95,13 +110,24 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     port = os.environ.get("BENTOML_PORT", "3000")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--service", default=f"127.0.0.1:{port}", help="host:port of the service to scrape")
-    p.add_argument("--pushgateway", default="127.0.0.1:9091", help="host:port of the drift job's Pushgateway")
+    p = argparse.ArgumentParser(
+        prog="python -m monitoring.monitor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="From make: make monitor ARGS='--port 9190 --pushgateway 127.0.0.1:9191'. Exit status: 0 stopped "
+        "with Ctrl+C, 1 a server could not start or stopped.",
+    )
+    p.add_argument("--service", default=f"127.0.0.1:{port}", help="host:port of the service to scrape (%(default)s)")
+    p.add_argument(
+        "--pushgateway",
+        default="127.0.0.1:9091",
+        help="host:port of the drift job's Pushgateway, started when none answers (%(default)s)",
+    )
     p.add_argument("--no-pushgateway", action="store_true", help="never start a Pushgateway, only scrape one")
-    p.add_argument("--port", type=int, default=9090, help="Prometheus's port on 127.0.0.1")
-    p.add_argument("--data-dir", type=Path, default=HERE.parent / ".monitor", help="TSDB, Pushgateway file, logs")
-    p.add_argument("--scrape-interval", default=None, help="override prometheus.yml's (5s), e.g. 1s")
+    p.add_argument("--port", type=int, default=9090, help="Prometheus's port on 127.0.0.1 (%(default)s)")
+    p.add_argument("--data-dir", type=Path, default=HERE.parent / ".monitor",
+                   help="TSDB, Pushgateway file, logs (%(default)s)")  # fmt: skip
+    p.add_argument("--scrape-interval", default=None, help="instead of prometheus.yml's 5s, e.g. 1s")
     return p.parse_args(argv)
 
 
@@ -138,12 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         wait_until(base + "/-/ready", procs[-1], log_file)
 
         service_note = "answering" if answers(f"http://{args.service}/metrics") else "not answering yet (make serve)"
+        pages = "".join(f"  {name:<10} {url}\n" for name, url in page_links(base).items())
         print(
-            f"Prometheus   {base}  (log {log_file})\n"
-            f"  targets    {base}/targets\n"
-            f"  alerts     {base}/alerts\n"
-            f"  rules      {base}/rules\n"
-            f"  graph      {base}/graph?g0.expr=job_endpoint:bentoml_service_request:rate5m\n"
+            f"Prometheus   {base}  (log {log_file})\n{pages}"
             f"Service      http://{args.service}/metrics  ({service_note})\n"
             f"Pushgateway  {pushgateway_url}  ({pushgateway_note})\n"
             f"  drift job  python -m drift --pushgateway {pushgateway_url}\n"

@@ -19,7 +19,7 @@ import yaml
 
 from loadtest.servers import free_port
 from loadtest.stepstats import DEFAULTS
-from monitoring.monitor import answers
+from monitoring.monitor import PAGES, answers
 from tests.helpers import ROOT
 
 MONITORING = ROOT / "monitoring"
@@ -167,10 +167,17 @@ def test_make_monitor_shows_every_dashboard_figure_under_load_and_stops_on_ctrl_
            "--pushgateway", f"127.0.0.1:{push_port}", "--port", str(prom_port),
            "--data-dir", str(tmp_path / "monitor"), "--scrape-interval", "1s"]  # fmt: skip
     # A session of its own, as a terminal job has: should Ctrl+C not stop it, its group goes with its servers.
+    printed: list[str] = []
     monitor = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)  # fmt: skip
     try:
         wait_for(lambda: answers(base + "/-/ready") and answers(pushgateway + "/-/ready"), monitor, 60)
+        for line in monitor.stdout:  # what it prints once both are up
+            printed.append(line)
+            if line.startswith("Ctrl+C stops."):
+                break
+        links = {line.split()[0]: line.split()[1] for line in printed if line.split()[:1] and line.split()[0] in PAGES}
+        assert set(links) == set(PAGES) and all(answers(url) for url in links.values()), links  # no dead link
         push_drift_figures(pushgateway)
         locust = subprocess.run(
             [sys.executable, "-m", "locust", "-f", "loadtest", "--headless", "--host", server.url, "-u", "4",
@@ -178,6 +185,7 @@ def test_make_monitor_shows_every_dashboard_figure_under_load_and_stops_on_ctrl_
             cwd=ROOT, capture_output=True, text=True, timeout=LOAD_SECONDS + 90,
         )  # fmt: skip
         assert "Aggregated" in locust.stdout + locust.stderr, locust.stderr[-3000:]
+        assert "will be ignored" not in locust.stderr  # -u/-r/-t do drive Locust's constant load
 
         # A test has no week of history: "last week" queries are checked without their offset.
         checked = {(title, expr.replace(" offset 1w", "")) for title, expr in dashboard_targets()}
@@ -208,6 +216,7 @@ def test_make_monitor_shows_every_dashboard_figure_under_load_and_stops_on_ctrl_
         except subprocess.TimeoutExpired:
             os.killpg(monitor.pid, signal.SIGKILL)
             out, _ = monitor.communicate()
+    out = "".join(printed) + out
     assert monitor.returncode == 0, out
     assert f"Prometheus   {base}" in out and f"Pushgateway  {pushgateway}  (started here" in out
     assert "stopped prometheus-pushgateway, prometheus" in out
