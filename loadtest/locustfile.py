@@ -183,6 +183,9 @@ def _set_up(environment, **_kwargs) -> None:
         return
     if not opts.steps:
         environment.shape_class = None  # a constant load from -u/-r/-t, as Locust runs without a shape
+    elif any(getattr(opts, name, None) for name in ("num_users", "spawn_rate", "run_time")):
+        logging.getLogger(__name__).warning("with --steps the step plan sets the users and the time: -u, -r and -t "
+                                            "are ignored")  # fmt: skip
     try:
         parse_mix(opts.image_mix)
         load_labels(opts.labels)

@@ -37,6 +37,10 @@ def plan_from_options(opts) -> StepPlan:
 class StepLoadShape(LoadTestShape):
     """Warm-up, then steps of ``--step-duration`` seconds; the first ``--step-settle`` seconds are not measured."""
 
+    # Without --steps the locustfile removes this shape and -u/-r/-t drive Locust's constant load, so Locust must
+    # not warn that they are ignored (it checks before the locustfile can say); with --steps the locustfile warns.
+    use_common_options = True
+
     def __init__(self):
         super().__init__()
         self.plan: StepPlan | None = None
