@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing as t
 from pathlib import Path
 
 from drift.history import HISTORY_FILE, PAGE_FILE, load_history, record_run, run_entry
@@ -17,18 +18,35 @@ from drift.trendpage import render_history_page
 from imgcls.inference_log import PRODUCTION, default_log_dir
 from imgcls.model_files import VARIANTS
 
-EXIT_OK, EXIT_DRIFT, EXIT_CANNOT_JUDGE = 0, 1, 2
+EXIT_OK, EXIT_DRIFT, EXIT_CANNOT_JUDGE, EXIT_USAGE = 0, 1, 2, 64
 EXIT_CODES = f"""exit codes:
   {EXIT_OK}  no drift
   {EXIT_DRIFT}  drift: a feature, the predicted labels or the embeddings moved (see the report)
   {EXIT_CANNOT_JUDGE}  cannot judge: no log, too few rows, several models or variants in the window, no reference
+  {EXIT_USAGE} the command line is wrong (nothing is judged, written or pushed)
   with --history-only: {EXIT_OK} the page was written, {EXIT_CANNOT_JUDGE} there is no history to show
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """A wrong command line exits EXIT_USAGE, apart from the verdicts a monitoring job reads."""
+
+    def error(self, message: str) -> t.NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _since(text: str) -> str:
+    try:
+        parse_since(text)
+    except LogError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--since {text!r} ")) from None
+    return text
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = DriftConfig()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m drift",
         description=__doc__.splitlines()[0].split(": ", 1)[1],
         epilog=EXIT_CODES,
@@ -41,7 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="inference-log folder (or one file); per-pod subfolders are read too (default: %(default)s, from "
         "IMGCLS_LOG_DIR or BENTOML_HOME, as the service resolves it)",
     )
-    p.add_argument("--since", help="only rows from this time on: ISO 8601 (2025-01-31T12:00) or a duration (24h, 7d)")
+    p.add_argument(
+        "--since", type=_since, help="only rows from this time on: ISO 8601 (2025-01-31T12:00) or a duration (24h, 7d)"
+    )
     p.add_argument("--last", type=int, help="only the newest N rows (after --since)")
     p.add_argument("--model", help="judge this model tag only (needed when the window holds several)")
     p.add_argument("--variant", choices=VARIANTS, help="judge this model variant only (needed when it holds several)")
@@ -118,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         if data.skipped:
             notes.append(f"{data.skipped:,} of {data.lines:,} log lines were skipped as corrupt or truncated.")
         if data.other_sources:
-            notes.append(f"{data.other_sources:,} rows of other traffic sources were left out ({data.sources}).")
+            left_out = ", ".join(f"{k} {v:,}" for k, v in data.sources.items() if sources and k not in sources)
+            notes.append(f"{data.other_sources:,} rows of other traffic sources were left out: {left_out}.")
         if data.model is None:
             shown = ", ".join(f"{k} ({v})" for k, v in data.sources.items()) or "none"
             raise NotEnoughData(
@@ -162,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     if thumbnails is not None:
         print(f"thumbnails of the most unfamiliar images on the report: {len(thumbnails)}")
     print(
-        f"dataset drift (share of drifted columns {result.drifted_share:.2f} >= {config.drift_share}): "
-        f"{'yes' if result.dataset_drift else 'no'}"
+        f"verdict: {'DRIFT' if result.drift else 'no drift'} ({result.rows_current:,} current rows vs "
+        f"{result.rows_reference:,} reference rows): drift when any column or the embeddings moved"
     )
     print(
-        f"verdict: {'DRIFT' if result.drift else 'no drift'} ({result.rows_current:,} current rows vs "
-        f"{result.rows_reference:,} reference rows)"
+        f"  beside it, Evidently's rule (drift when at least {config.drift_share:.0%} of the columns moved): "
+        f"{result.drifted_share:.0%} moved, {'met' if result.dataset_drift else 'not met'}"
     )
     print(f"report: {result.html_path}\njson:   {result.json_path}\nprometheus: {prom_file}")
     return EXIT_DRIFT if result.drift else EXIT_OK

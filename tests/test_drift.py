@@ -243,6 +243,8 @@ def test_load_test_and_simulated_traffic_stay_out_of_the_window_unless_asked(sto
     assert main(["--log-dir", str(folder), "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "300 of other traffic sources" in out and "verdict: no drift" in out
+    assert "300 rows of other traffic sources were left out: loadtest 300." in out  # not the judged one, no dict
+    assert "Evidently's rule (drift when at least 50% of the columns moved): 0% moved, not met" in out
     assert main(["--log-dir", str(folder), "--out", str(tmp_path / "b"), "--source", "loadtest"]) == 1
     assert main(["--log-dir", str(folder), "--out", str(tmp_path / "c"), "--all-sources"]) == 1
     assert main(["--log-dir", str(folder), "--out", str(tmp_path / "d"), "--source", "nobody"]) == 2
@@ -259,9 +261,19 @@ def test_each_variant_is_judged_against_its_own_reference(stored_model, tmp_path
     assert "(fp16)" in next((tmp_path / "b").glob("drift-*.html")).read_text()
 
 
+def test_a_wrong_command_line_is_no_monitoring_event(stored_model, tmp_path, capsys):
+    """A typo in --since exits 64 and writes no report, history line or Prometheus file."""
+    folder = tmp_path / "log"
+    write_log(folder / "inference-1.jsonl", synthetic_rows(50, seed=24), stored_model)
+    with pytest.raises(SystemExit) as exited:
+        main(["--log-dir", str(folder), "--out", str(tmp_path / "out"), "--since", "yesterday"])
+    assert exited.value.code == 64 and not (tmp_path / "out").exists()
+    assert "--since: is neither an ISO 8601 time" in capsys.readouterr().err
+
+
 def test_help_lists_the_exit_codes_and_the_default_log_folder(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    assert "exit codes:" in out and "0  no drift" in out and "2  cannot judge" in out
+    assert "exit codes:" in out and "0  no drift" in out and "2  cannot judge" in out and "64 the command" in out
     assert "inference_log" in out
