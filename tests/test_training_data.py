@@ -214,6 +214,9 @@ def test_a_tiny_folder_trains_with_few_optimiser_steps(tmp_path):
     assert "test accuracy" in proc.stdout and "flagged as unfamiliar" in proc.stdout
     (run,) = (tmp_path / "runs").iterdir()
     assert not run.name.endswith(".partial") and (run / "metrics.json").exists()
+    assert run.name.startswith("photos-")  # named after the folder: the demo model it would replace stays
+    assert "warning: the unfamiliar-image threshold was set on 18 validation images" in proc.stdout
+    assert "warning: the drift reference has 36 rows" in proc.stdout
 
 
 def test_a_failed_run_keeps_the_partial_suffix(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -64,7 +65,9 @@ class TrainConfig:
     reference_images: int = opt(1000, "held-out (val+test) images summarised in the drift reference, at most")
     speed_batch: int = opt(8, "batch size of the short int8-vs-fp32 speed check recorded in metrics.json")
     speed_seconds: float = opt(2.0, "time budget per variant of that check")
-    name: str = opt(DEFAULT_MODEL_NAME, "BentoML model name")
+    name: str = opt(
+        "", f"BentoML model name; empty: {DEFAULT_MODEL_NAME} for --demo, the data folder's name for --data"
+    )
     out_dir: str = opt("runs", "each run writes to OUT_DIR/NAME-TIMESTAMP")
     store: bool = opt(True, "save to the BentoML model store (BENTOML_HOME)")
     progress: bool = opt(True, "progress bars (on a terminal only; every epoch is logged anyway)")
@@ -89,6 +92,13 @@ class TrainConfig:
             raise ConfigError("--val-fraction and --test-fraction must be in (0, 1) and leave some training images.")
         if self.demo and not 2 <= self.demo_classes <= 8:
             raise ConfigError("--demo-classes must be between 2 and 8.")
+        if not self.name and self.demo:
+            self.name = DEFAULT_MODEL_NAME
+        elif not self.name:  # your photos do not silently replace the demo model that `make serve` serves
+            folder = re.sub(r"[^a-z0-9_.-]+", "-", Path(self.data).expanduser().resolve().name.lower()).strip("-._")
+            self.name = folder or "my-classifier"
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?", self.name):
+            raise ConfigError(f"--name {self.name!r}: lowercase letters, digits, '-', '_' and '.', at most 63.")
         return self
 
     def to_dict(self) -> dict:
