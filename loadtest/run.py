@@ -50,6 +50,8 @@ class RunConfig:
     variant: str = ""  # IMGCLS_VARIANT for the service; empty: its default (int8 on CPU, fp16 on CUDA)
     device: str = ""  # IMGCLS_DEVICE; empty: auto
     workers: int = 0  # IMGCLS_WORKERS; 0: the service's default
+    port: int = 0  # the port of the service the runner starts; 0: a free one
+    service_env: list[str] = field(default_factory=list)  # KEY=VALUE settings of the service the runner starts
     scenario: str = "mix"
     image_mix: str = ""  # overrides the scenario's mix
     batch_share: float = -1.0  # overrides the scenario's share of /classify_batch requests; <0: the scenario's
@@ -267,11 +269,18 @@ def benchmark(cfg: RunConfig, command: str) -> dict:
     env = {k: v for k, v in {"IMGCLS_VARIANT": cfg.variant, "IMGCLS_DEVICE": cfg.device}.items() if v}
     if cfg.workers:
         env["IMGCLS_WORKERS"] = str(cfg.workers)
+    for setting in cfg.service_env:
+        key, _, value = setting.partition("=")
+        if not key.startswith("IMGCLS_") or not _:
+            raise ValueError(
+                f"--service-env {setting!r}: give IMGCLS_NAME=VALUE (python -m service.settings lists them)"
+            )
+        env[key] = value
     if cfg.host:
         target = servers.Target("service", cfg.host.rstrip("/"))
         servers.wait_ready(target, cfg.ready_timeout)
     else:
-        target = servers.start_service(tag, out / "service", env, cfg.ready_timeout)
+        target = servers.start_service(tag, out / "service", env, cfg.ready_timeout, port=cfg.port)
     started = [target]
     try:
         if cfg.compare:
@@ -307,37 +316,57 @@ def parse_args(argv: list[str] | None = None) -> tuple[RunConfig, list[str]]:
     p = argparse.ArgumentParser(
         prog="python -m loadtest.run",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="exit status: 0 the gate passed; 1 it failed (no step within the objective, the headline below "
+        "--min-rps, or the ratio below --min-ratio); 2 a bad option, or a server that did not start.",
     )
-    p.add_argument("--host", default=d.host, help="URL of a running service; default: start `bentoml serve`")
-    p.add_argument("--model", default=d.model, help="model tag to serve and to load in the baseline")
-    p.add_argument("--variant", default=d.variant, choices=["", "fp32", "fp16", "int8"], help="IMGCLS_VARIANT")
-    p.add_argument("--device", default=d.device, choices=["", "auto", "cpu", "cuda"], help="IMGCLS_DEVICE")
-    p.add_argument("--workers", type=int, default=d.workers, help="IMGCLS_WORKERS (0: service default)")
+    p.add_argument("--host", default=d.host, help="URL of a running service (default: start `bentoml serve`)")
+    p.add_argument(
+        "--model", default=d.model, help="model tag to serve and to load in the baseline (default: %(default)s)"
+    )
+    p.add_argument("--variant", default=d.variant, choices=["fp32", "fp16", "int8"],
+                   help="IMGCLS_VARIANT (default: the service's, int8 on the CPU and fp16 on CUDA)")  # fmt: skip
+    p.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"], help="IMGCLS_DEVICE (default: auto)")
+    p.add_argument("--workers", type=int, default=d.workers, help="IMGCLS_WORKERS (default: the service's)")
+    p.add_argument("--port", type=int, default=d.port, help="port of the service it starts (default: a free one)")
+    p.add_argument("--service-env", action="append", default=[], metavar="IMGCLS_NAME=VALUE",
+                   help="a setting of the service it starts, repeatable (see python -m service.settings)")  # fmt: skip
     p.add_argument("--scenario", default=None, choices=list(SCENARIOS),
-                   help="mix: image mix + batch + bad inputs (default); compare: 500x375 JPEGs on /classify "
-                   "(default with --compare)")  # fmt: skip
-    p.add_argument("--image-mix", default=d.image_mix, help="override the scenario's image mix")
-    p.add_argument("--batch-share", type=float, default=d.batch_share, help="override the scenario's batch share")
-    p.add_argument("--bad-input-share", type=float, default=d.bad_input_share, help="override the scenario's share")
+                   help="mix: image mix + batch + bad inputs (the default); compare: 500x375 JPEGs on /classify "
+                   "(the default with --compare)")  # fmt: skip
+    p.add_argument("--image-mix", default=d.image_mix, help="instead of the scenario's image mix")
+    p.add_argument("--batch-share", type=float, default=d.batch_share, help="instead of the scenario's batch share")
+    p.add_argument("--bad-input-share", type=float, default=d.bad_input_share,
+                   help="instead of the scenario's share of bad inputs")  # fmt: skip
     p.add_argument("--labels", default=d.labels, help="labels to validate against (default: the model's)")
-    p.add_argument("--steps", default=d.steps, help="users per step: '1,2,4,8' or '2..64x2'")
-    p.add_argument("--step-duration", type=float, default=d.step_duration, help="seconds per step")
-    p.add_argument("--step-settle", type=float, default=d.step_settle, help="unmeasured seconds at each step start")
-    p.add_argument("--warmup", type=float, default=d.warmup, help="warm-up seconds before the first step")
-    p.add_argument("--latency-objective-ms", type=float, default=d.latency_objective_ms, help="p99 objective, ms")
-    p.add_argument("--max-error-rate", type=float, default=d.max_error_rate, help="error budget (0.001 = 0.1%%)")
+    p.add_argument("--steps", default=d.steps, help="users per step: '1,2,4,8' or '2..64x2' (default: %(default)s)")
+    p.add_argument(
+        "--step-duration", type=float, default=d.step_duration, help="seconds per step (default: %(default)s)"
+    )
+    p.add_argument("--step-settle", type=float, default=d.step_settle,
+                   help="unmeasured seconds at each step start (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--warmup", type=float, default=d.warmup, help="warm-up seconds before the first step (default: %(default)s)"
+    )
+    p.add_argument("--latency-objective-ms", type=float, default=d.latency_objective_ms,
+                   help="p99 objective, ms (default: %(default)s)")  # fmt: skip
+    p.add_argument("--max-error-rate", type=float, default=d.max_error_rate,
+                   help="error budget, 0.001 = 0.1%% (default: %(default)s)")  # fmt: skip
     p.add_argument("--min-rps", type=float, default=d.min_rps, help="gate: least req/s within the objective")
-    p.add_argument("--break-steps", type=int, default=d.break_steps, help="stop after N steps over it (0: never)")
-    p.add_argument("--processes", type=int, default=d.processes, help="Locust worker processes (-1: one per core)")
+    p.add_argument("--break-steps", type=int, default=d.break_steps,
+                   help="stop after N steps over the objective, 0: never (default: %(default)s)")  # fmt: skip
+    p.add_argument("--processes", type=int, default=d.processes,
+                   help="Locust worker processes, -1: one per core (default: one Locust process)")  # fmt: skip
     p.add_argument("--compare", action="store_true", help="also run a baseline server and report the ratio")
     p.add_argument("--baseline", default=d.baseline, choices=list(servers.BASELINES),
-                   help="fastapi-fp32: what most people write first (fp32, one process); fastapi-expert: the service's "
-                   "variant, one uvicorn worker per core, one onnxruntime thread each")  # fmt: skip
+                   help="fastapi-fp32 (the default): what most people write first (fp32, one process); fastapi-expert: "
+                   "the service's variant, one uvicorn worker per core, one onnxruntime thread each")  # fmt: skip
     p.add_argument("--min-ratio", type=float, default=d.min_ratio, help="gate with --compare: least throughput ratio")
-    p.add_argument("--batch-metric", default=d.batch_metric, help="name part of the batch-size histogram")
-    p.add_argument("--out", default=d.out, help="output folder (default runs/loadtest/<timestamp>)")
-    p.add_argument("--ready-timeout", type=float, default=d.ready_timeout, help="seconds to wait for /readyz")
+    p.add_argument(
+        "--batch-metric", default=d.batch_metric, help="name part of the batch-size histogram (default: %(default)s)"
+    )
+    p.add_argument("--out", default=d.out, help="output folder (default: runs/loadtest/<timestamp>)")
+    p.add_argument("--ready-timeout", type=float, default=d.ready_timeout,
+                   help="seconds to wait for /readyz (default: %(default)s)")  # fmt: skip
     p.add_argument("--locust-arg", action="append", default=[], dest="locust_args",
                    help="extra argument for Locust, repeatable (e.g. --locust-arg=--csv-full-history)")  # fmt: skip
     args = p.parse_args(argv)

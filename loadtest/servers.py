@@ -57,13 +57,19 @@ def wait_ready(target: Target, timeout: float) -> None:
 
 
 def start_service(
-    model: str | None, out_dir: Path, env_extra: dict[str, str], timeout: float = 300.0, target: str = "."
+    model: str | None,
+    out_dir: Path,
+    env_extra: dict[str, str],
+    timeout: float = 300.0,
+    target: str = ".",
+    port: int = 0,
 ) -> Target:
-    """`bentoml serve TARGET` (the project root, or a built Bento's tag) with ``IMGCLS_MODEL=model`` when given.
+    """`bentoml serve TARGET` (the project root, or a built Bento's tag) with ``IMGCLS_MODEL=model`` when given, on
+    ``port`` (0: a free one).
 
     The inference log goes to ``out_dir/inference_log``; returns once /readyz says ready.
     """
-    port = free_port()
+    port = port or free_port()
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,

@@ -122,6 +122,9 @@ def test_step_defaults_are_defined_once_and_shown_by_the_runners_help():
     for value in (DEFAULTS.latency_objective_ms, DEFAULTS.step_duration, DEFAULTS.warmup, DEFAULTS.steps):
         assert f"(default: {value})" in " ".join(runner.split()), value
     assert StepPlan([1]).duration == DEFAULTS.step_duration and StepPlan([1]).warmup == DEFAULTS.warmup
+    flat = " ".join(runner.split())
+    assert "(default: )" not in flat and "(default: None)" not in flat and "-1.0" not in flat and "{," not in flat
+    assert "exit status: 0 the gate passed; 1 it failed" in flat
 
 
 @pytest.mark.parametrize(
