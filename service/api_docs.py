@@ -15,6 +15,8 @@ import typing as t
 from pydantic import BaseModel
 
 TITLE = "Image classifier"
+#: Where the description's examples name the server; ``/docs.json`` puts the host the page was asked from instead.
+HOST_PLACEHOLDER = "HOST:PORT"
 DESCRIPTION = """\
 Upload photos, get labels. `POST /classify` takes one image (multipart field `image`, or the image itself as the
 body with `Content-Type: image/jpeg`), `POST /classify_batch` several (repeated field `images`). Each answer has
@@ -22,8 +24,8 @@ the most likely label, the `top_k` most likely with their probabilities, and `un
 the image is unlike anything the model was trained on (then treat the labels with caution).
 
 ```
-curl -F image=@photo.jpg http://HOST:3000/classify
-curl -F images=@a.jpg -F images=@b.png http://HOST:3000/classify_batch
+curl -F image=@photo.jpg http://HOST:PORT/classify
+curl -F images=@a.jpg -F images=@b.png http://HOST:PORT/classify_batch
 ```
 
 Every error is JSON `{"error": code, "detail": what to do}`; each endpoint lists its statuses and codes below.

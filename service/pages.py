@@ -173,7 +173,9 @@ def create_app(info: Callable[[], ModelInfo | None], bentoml_spec: Callable[[], 
 
     async def spec_endpoint(request: Request) -> Response:
         headers = {"Cache-Control": REVALIDATE, **SECURITY_HEADERS}
-        return Response(spec_json(), media_type="application/json", headers=headers)
+        host = json.dumps(request.headers.get("host", api_docs.HOST_PLACEHOLDER))[1:-1].encode()  # JSON-safe
+        body = spec_json().replace(api_docs.HOST_PLACEHOLDER.encode(), host)
+        return Response(body, media_type="application/json", headers=headers)
 
     ui, docs = _files(UI_FILES, "/ui/"), _files(DOCS_FILES, "/docs")
     routes = [

@@ -267,6 +267,7 @@ def test_docs_are_this_projects_and_load_nothing_from_other_hosts(server):
     spec = requests.get(server.url + "/docs.json", timeout=10).json()
     assert spec["info"]["title"] == "Image classifier" and spec["info"]["version"] == __version__
     assert "POST /classify" in spec["info"]["description"] and "BentoML" not in spec["info"]["description"]
+    assert f"curl -F image=@photo.jpg {server.url}/classify" in spec["info"]["description"]  # this server's port
     assert "/classify" in spec["paths"] and "/classify_batch" in spec["paths"] and "/info" in spec["paths"]
     error = {"$ref": "#/components/schemas/Error"}
     for status in ("400", "405", "413", "415", "503", "504"):
