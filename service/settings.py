@@ -49,7 +49,9 @@ class Settings:
     )
     ort_spin: bool = _help("let onnxruntime threads spin between runs (burns CPU the decoders need)", False)
     max_batch_size: int = _help("largest batch the model sees; 0: 32 on the CPU, 128 on a GPU", 0)
-    max_latency_ms: int = _help("an image waiting longer than this for the model is refused with 503", 1000)
+    max_latency_ms: int = _help(
+        "the longest an image may wait: a request whose images would wait longer is refused with 503 at once", 1000
+    )
     hop_in_flight: int = _help("placement shared: hop calls one API worker has in flight", 2)
     decode_threads: int = _help("threads per API worker that decode images and run the model", 2)
     max_body_bytes: int = _help("largest request body (every file of a batch together)", 64 << 20)
@@ -85,9 +87,13 @@ class Settings:
     log_dir: str = _help("inference-log folder; empty: $BENTOML_HOME/inference_log", "")
     log_max_bytes: int = _help("rotate each inference-log file at this size", 64 << 20)
     log_max_total_bytes: int = _help("delete the oldest inference-log files past this total; 0: keep all", 8 << 30)
-    log_max_age_days: float = _help("delete inference-log files older than this; 0: no age limit", 0.0)
+    log_max_age_days: float = _help("delete inference-log records older than this many days; 0: no age limit", 30.0)
     thumbnail_bytes: int = _help("disk kept for thumbnails of unfamiliar images", 32 << 20)
-    thumbnails_per_s: float = _help("thumbnails of unfamiliar images saved per second per API worker, at most", 2.0)
+    thumbnails_per_s: float = _help(
+        "96 px thumbnails of unfamiliar user images kept per second per API worker, for the drift report; 0: no "
+        "image of a user is ever kept",
+        0.0,
+    )
     access_log: bool = _help(
         "BentoML's per-request log line in the API workers (off: the metrics and the inference log cover every "
         "request, and the line costs CPU on each one)",
