@@ -61,7 +61,7 @@ PAGES = {
 
 def page_links(base: str) -> dict[str, str]:
     """The URL of each of :data:`PAGES` on the Prometheus at ``base``: its React UI, else its classic one."""
-    prefix = "" if answers(f"{base}/graph") else "classic/"
+    prefix = "" if answers(f"{base}/alerts") else "classic/"  # (/graph redirects to the classic page there)
     return {name: f"{base}/{prefix}{path}" for name, path in PAGES.items()}
 
 
