@@ -124,14 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     reason, notes, thumbnails, subject = "", [], None, ""
     try:
         since = parse_since(args.since) if args.since else None
-        data = read_log(args.log_dir, since, args.last, args.model, args.variant, sources)
+        data = read_log(args.log_dir, since, args.last, args.model, args.variant, sources, args.max_rows, args.seed)
         print(
             f"log {args.log_dir}: {data.lines:,} lines in {len(data.files) - data.files_before_window} files "
             f"({data.files_before_window} last written before the window, not read), {data.skipped:,} skipped "
             f"(corrupt or truncated), {data.outside_window:,} outside the window, {data.other_sources:,} of other "
             f"traffic sources, {data.other_models:,} of other models or variants"
         )
-        thumbnails = most_unfamiliar(data.frame, args.log_dir, args.thumbnails) if args.thumbnails > 0 else None
+        thumbnails = (
+            most_unfamiliar(data.most_unfamiliar, args.log_dir, args.thumbnails) if args.thumbnails > 0 else None
+        )
         if data.model is not None:
             subject = f"{data.model} ({data.variant or 'variant not logged'})"
             notes.append(f"Model {subject}; log {args.log_dir}.")
@@ -151,14 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             reference = load_reference(data.model, args.variant or data.variant)
         result = drift_report(reference, data.frame, args.out, config, notes=notes, subject=subject,
-                              thumbnails=thumbnails)  # fmt: skip
+                              thumbnails=thumbnails, rows=data.rows)  # fmt: skip
     except (LogError, ReferenceError, NotEnoughData, ValueError) as e:
         reason = str(e)
         print(f"cannot judge drift: {reason}", file=sys.stderr)
 
     unfamiliar = data.unfamiliar_share if data else float("nan")
     figures = registry(result, data.model if data else None, data.skipped if data else 0,
-                       len(data.frame) if data else 0, unfamiliar)  # fmt: skip
+                       data.rows if data else 0, unfamiliar)  # fmt: skip
     write_textfile(prom_file, figures)
     report = result.html_path if result else save_cannot_judge(args.out, reason, notes, subject, thumbnails)
     entry = run_entry(result, data, reason, sources, args.since, args.last, report, history)

@@ -46,8 +46,7 @@ def run_entry(
 
     ``report`` is stored relative to the history file's folder when it lies under it, so a reports folder
     that is copied or served elsewhere keeps its links."""
-    frame = data.frame if data is not None else None
-    has_rows = frame is not None and not frame.empty
+    has_rows = data is not None and data.rows > 0 and data.start is not None
     entry: dict[str, Any] = {
         "v": VERSION,
         "time": result.timestamp if result else datetime.now(UTC).isoformat(timespec="seconds"),
@@ -59,10 +58,10 @@ def run_entry(
         "window": {
             "since": since,
             "last": last,
-            "start": frame["time"].iloc[0].isoformat(timespec="seconds") if has_rows else None,
-            "end": frame["time"].iloc[-1].isoformat(timespec="seconds") if has_rows else None,
+            "start": data.start.isoformat(timespec="seconds") if has_rows else None,
+            "end": data.end.isoformat(timespec="seconds") if has_rows else None,
         },
-        "rows": len(frame) if frame is not None else 0,
+        "rows": data.rows if data is not None else 0,
         "rows_used": result.rows_current if result else None,
         "rows_reference": result.rows_reference if result else None,
         "skipped_lines": data.skipped if data else 0,

@@ -166,11 +166,13 @@ def drift_report(
     notes: list[str] | None = None,
     subject: str = "",
     thumbnails: Sequence[Thumbnail] | None = None,
+    rows: int | None = None,
 ) -> DriftResult:
     """Build and run the Evidently report of ``current`` against ``reference``; save HTML + JSON under ``out_dir``.
 
     ``subject`` (what was judged, e.g. the model and variant) goes into the page's title and banner, and
-    ``thumbnails`` into a strip below it (``None``: no strip)."""
+    ``thumbnails`` into a strip below it (``None``: no strip). ``rows``: the window's rows when ``current`` is a
+    sample of them (the log reader's)."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import DriftedColumnsCount, ValueDrift
     from evidently.metrics.embeddings import ModelDriftMethod
@@ -178,9 +180,10 @@ def drift_report(
     _register_label_test()
     config = config or DriftConfig()
     notes = list(notes or [])
-    if len(current) < config.min_rows:
+    rows = max(rows or 0, len(current))
+    if rows < config.min_rows:
         raise NotEnoughData(
-            f"{len(current)} current rows; at least {config.min_rows} are needed to judge drift "
+            f"{rows} current rows; at least {config.min_rows} are needed to judge drift "
             "(send more traffic, or widen --since / --last)."
         )
     emb = embedding_columns(reference)
@@ -195,7 +198,7 @@ def drift_report(
     cols = [*columns, *emb]
     ref = _sample(reference[cols], config.max_rows, config.seed).reset_index(drop=True)
     cur = _sample(current[cols], config.max_rows, config.seed + 1).reset_index(drop=True)
-    for side, used, total in (("current", len(cur), len(current)), ("reference", len(ref), len(reference))):
+    for side, used, total in (("current", len(cur), rows), ("reference", len(ref), len(reference))):
         if used < total:
             notes.append(f"The {side} table was sampled: {used:,} of {total:,} rows (seed {config.seed}).")
     # The log rounds each number (make_record); round both sides alike, or a discrete column such as
@@ -239,7 +242,7 @@ def drift_report(
     evidently = snapshot.dict()
     result = _summarise(evidently, config, column_threshold, auc_threshold, embedding_score, embedding_drift)
     result.rows_current, result.rows_reference = len(cur), len(ref)
-    result.rows_current_total, result.rows_reference_total = len(current), len(reference)
+    result.rows_current_total, result.rows_reference_total = rows, len(reference)
     result.timestamp = stamp.isoformat(timespec="seconds")
     result.notes = notes
     if out_dir is not None:
