@@ -39,7 +39,9 @@ READABLE_VERSIONS = (1, 2)
 EMBEDDING_PREFIX = "emb_"
 PRODUCTION = "production"
 REQUIRED_FIELDS = ("time", "request_id", "model", "label", "confidence", *STAT_FIELDS, "embedding")
-FILE_PATTERN = re.compile(r"^inference-\d{8}T\d{6,12}-(\d+)\.jsonl$")
+#: The files a writer of each kind writes: the inference log, and the labels people send back (feedback).
+INFERENCE, FEEDBACK = "inference", "feedback"
+FILE_PATTERN = re.compile(r"^(inference|feedback)-\d{8}T\d{6,12}-(\d+)\.jsonl$")
 THUMBNAIL_DIR = "unfamiliar"
 THUMBNAIL_SIDE = 96
 #: The writer looks for files past the size or age bound at least this often, not only when it opens a file.
@@ -110,6 +112,12 @@ def parse_line(line: str | bytes) -> dict[str, Any] | None:
     """A validated record (version 1 lines get the version 2 fields' defaults), or None for a torn, corrupt,
     incomplete or unknown-version line, or one with a field of the wrong type or out of range (the caller counts
     those): one bad line never stops a reader."""
+    parsed = parse_record(line)
+    return None if parsed is None else parsed[0]
+
+
+def parse_record(line: str | bytes) -> tuple[dict[str, Any], datetime] | None:
+    """:func:`parse_line`, with the record's time parsed."""
     try:
         record = json.loads(line)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -141,15 +149,44 @@ def parse_line(line: str | bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(record["unfamiliar"], bool | None):
         return None
+    return record, when
+
+
+FEEDBACK_VERSION = 1
+
+
+def make_feedback(request_id: str, label: str, model: str, time: datetime | None = None) -> dict[str, Any]:
+    """A label a person gave the image of an answered request (``POST /feedback``): its own log, the feedback files
+    beside the inference log, joined to the predictions by the accuracy job."""
+    return {
+        "v": FEEDBACK_VERSION,
+        "time": (time or datetime.now(UTC)).isoformat(timespec="milliseconds"),
+        "request_id": request_id,
+        "label": label,
+        "model": model,
+    }
+
+
+def parse_feedback(line: str | bytes) -> dict[str, Any] | None:
+    """A validated feedback record, or None for a line that is not one."""
+    try:
+        record = json.loads(line)
+        when = datetime.fromisoformat(record["time"])
+    except (ValueError, UnicodeDecodeError, RecursionError, TypeError, KeyError):
+        return None
+    if not isinstance(record, dict) or record.get("v") != FEEDBACK_VERSION or when.tzinfo is None:
+        return None
+    if not all(isinstance(record.get(k), str) and record[k] for k in ("request_id", "label", "model")):
+        return None
     return record
 
 
-def log_files(folder: str | os.PathLike) -> list[Path]:
-    """Every inference-log file under ``folder`` (one level of per-pod subfolders included), oldest first."""
+def log_files(folder: str | os.PathLike, kind: str = INFERENCE) -> list[Path]:
+    """Every log file of ``kind`` under ``folder`` (one level of per-pod subfolders included), oldest first."""
     folder = Path(folder)
     if folder.is_file():
-        return [folder]
-    found = [*folder.glob("inference-*.jsonl"), *folder.glob("*/inference-*.jsonl")]
+        return [folder] if kind == INFERENCE else []
+    found = [*folder.glob(f"{kind}-*.jsonl"), *folder.glob(f"*/{kind}-*.jsonl")]
     return sorted(found, key=lambda p: (p.name, str(p)))
 
 
@@ -214,8 +251,9 @@ class InferenceLogWriter:
         fsync: bool = True,
         on_error: Callable[[], None] | None = None,
         on_drop: Callable[[int], None] | None = None,
+        kind: str = INFERENCE,
     ):
-        self.folder = ensure_writable(folder)
+        self.folder, self.kind = ensure_writable(folder), kind
         self.max_bytes, self.max_total_bytes, self.max_age_s = max_bytes, max_total_bytes, max_age_s
         self.thumbnail_bytes, self.thumbnails_per_s = thumbnail_bytes, thumbnails_per_s
         # A bucket that holds a second's thumbnails (at least one, none at all when the rate is 0).
@@ -233,7 +271,7 @@ class InferenceLogWriter:
         self._size = 0
         self.path: Path | None = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="inference-log", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{kind}-log", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
@@ -323,7 +361,7 @@ class InferenceLogWriter:
             os.close(self._fd)
             self._fd = None
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-        self.path = self.folder / f"inference-{stamp}-{os.getpid()}.jsonl"
+        self.path = self.folder / f"{self.kind}-{stamp}-{os.getpid()}.jsonl"
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._size = os.fstat(self._fd).st_size
         self._opened_at = _time.monotonic()
@@ -336,10 +374,10 @@ class InferenceLogWriter:
         self._last_retention = _time.monotonic()
         if not self.max_total_bytes and not self.max_age_s:
             return
-        files = [p for p in log_files(self.folder) if p.parent == self.folder and FILE_PATTERN.match(p.name)]
+        files = [p for p in log_files(self.folder, self.kind) if p.parent == self.folder and FILE_PATTERN.match(p.name)]
         newest_per_pid: dict[int, Path] = {}
         for p in files:  # oldest first: the last one seen per pid is the one it writes to
-            newest_per_pid[int(FILE_PATTERN.match(p.name).group(1))] = p
+            newest_per_pid[int(FILE_PATTERN.match(p.name).group(2))] = p
         active = {p for pid, p in newest_per_pid.items() if _running(pid)}
         sizes = {}
         for p in files:

@@ -366,8 +366,9 @@ class Census:
 def _answer_api_errors() -> None:
     """An ApiError raised while BentoML runs an API (its IO descriptor or its method) is answered as ours."""
     from _bentoml_impl.server.app import ServiceAppFactory  # private: the class whose method runs each API call
+    from pydantic import ValidationError
 
-    from service.http import error_response
+    from service.http import error_response, validation_detail
 
     original = ServiceAppFactory.api_endpoint
     if getattr(original, "imgcls_adapted", False):
@@ -378,6 +379,8 @@ def _answer_api_errors() -> None:
             return await original(self, name, request)
         except ApiError as err:
             return error_response(err)
+        except ValidationError as exc:  # a JSON body BentoML validated against the method's signature
+            return error_response(ApiError(400, *validation_detail(exc.errors(include_input=False))))
         except Exception:  # BentoML would answer {"error": ...} or a bare 500: ours, logged
             log.exception("%s %s failed", request.method, request.url.path)
             return error_response(ApiError(500, "internal_error", INTERNAL_ERROR))

@@ -117,6 +117,21 @@ ERRORS: dict[int, tuple[str, list[str], str]] = {
         "The request was not processed within 30 s (IMGCLS_TIMEOUT_S); retry later.",
     ),
 }
+#: ``POST /feedback``: status -> (what it means, its codes, the detail of the first code as an example).
+FEEDBACK_ERRORS: dict[int, tuple[str, list[str], str]] = {
+    400: (
+        "A field is missing, or a label is not one of the model's",
+        ["missing_field", "unknown_label", "invalid_request"],
+        "Send both `request_id` and `label` (or `items`, a list of those).",
+    ),
+    404: (
+        "A request_id this service did not issue",
+        ["unknown_request_id"],
+        "request_id '0123' is not one this service issued: send the request_id of an answer of /classify or "
+        "/classify_batch (for a batch image, `<request_id>/<index>`).",
+    ),
+    413: ("Too many labels in one request", ["too_many_items"], "At most 1000 labels per request; split it."),
+}
 #: In a batch, an image that cannot be decoded is refused in its own entry of the results (with its error and
 #: detail), not by a status of the whole request.
 PER_IMAGE = {415}
@@ -133,9 +148,9 @@ BATCH_OK = (
 )
 
 
-def error_response(status: int) -> dict[str, t.Any]:
+def error_response(status: int, errors: dict[int, tuple[str, list[str], str]] = ERRORS) -> dict[str, t.Any]:
     """The OpenAPI response object of one error status."""
-    meaning, codes, example = ERRORS[status]
+    meaning, codes, example = errors[status]
     response: dict[str, t.Any] = {
         "description": f"{meaning}. `error` is one of: " + ", ".join(f"`{c}`" for c in codes) + ".",
         "content": {
@@ -188,6 +203,12 @@ def complete(spec: dict, version: str, info_model: type[BaseModel], api_key: boo
             content.pop("encoding", None)
         if api_key:
             operation["security"] = SECURITY
+    operation = spec["paths"]["/feedback"]["post"]
+    ok = {**operation["responses"].get(200, operation["responses"].get("200", {}))}
+    errors = {str(s): error_response(s, FEEDBACK_ERRORS) for s in FEEDBACK_ERRORS}
+    operation["responses"] = {"200": ok, **errors, **({"401": error_response(401)} if api_key else {})}
+    if api_key:
+        operation["security"] = SECURITY
     spec.pop("servers", None)  # BentoML's "." only adds a server menu; without it, the page's own host is used
     tags = [*spec.get("tags", []), {"name": "Pages"}]
     spec["tags"] = [

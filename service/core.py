@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+import typing as t
 import uuid
 from dataclasses import dataclass
 
@@ -75,16 +76,20 @@ class Classifier:
         threads: int,
         timeout_s: float,
         costly_units: int = decoding.COSTLY_UNITS,
+        new_id: t.Callable[[], str] = lambda: uuid.uuid4().hex,
     ):
-        self.spec, self.limits, self.costly_units = spec, limits, costly_units
+        self.spec, self.limits, self.costly_units, self.new_id = spec, limits, costly_units, new_id
         self.admission, self.batcher, self.answerer = admission, batcher, answerer
         self.timeout_s = timeout_s
         self.threads = FairPool(threads, "decode")
         self.slow_lane = decoding.SlowLane(spec, limits)
 
     @classmethod
-    def for_settings(cls, spec: PreprocessSpec, run: Run, answerer: Answerer, settings: Settings, plan: Plan):
-        """The core of an API worker: ``run`` is the model in this process, or the hop to the model process."""
+    def for_settings(
+        cls, spec: PreprocessSpec, run: Run, answerer: Answerer, settings: Settings, plan: Plan, new_id: t.Callable
+    ) -> Classifier:
+        """The core of an API worker: ``run`` is the model in this process, or the hop to the model process;
+        ``new_id`` makes request ids."""
         wait_s = settings.max_latency_ms / 1000
         threads, in_flight = settings.decode_threads, 1
         if plan.shared_model:
@@ -100,11 +105,12 @@ class Classifier:
             answerer,
             threads,
             settings.timeout_s,
+            new_id=new_id,
         )
 
     async def classify(self, image: bytes, top_k: int, source: str) -> dict:
         """The answer for one upload: labels, scores, unfamiliar, model, request id; ApiError when refused."""
-        request_id = uuid.uuid4().hex
+        request_id = self.new_id()
         [outcome] = await self.infer([image])
         if isinstance(outcome, ApiError):
             raise outcome
@@ -114,7 +120,7 @@ class Classifier:
     async def classify_batch(self, images: list[bytes], top_k: int, source: str) -> dict:
         """The answers for several uploads, in order; an image refused for what it is (4xx) gets its error in its
         place, while a refusal of the request (overloaded, deadline) is raised."""
-        request_id = uuid.uuid4().hex
+        request_id = self.new_id()
         outcomes = await self.infer(images)
         for outcome in outcomes:
             if isinstance(outcome, ApiError) and outcome.status >= 500:

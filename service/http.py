@@ -58,12 +58,12 @@ STATUS_CODES = {
 }
 
 
-def _validation_detail(errors: list[t.Any]) -> tuple[str, str]:
+def validation_detail(errors: list[t.Any]) -> tuple[str, str]:
     """Code and detail for a pydantic error list from BentoML's input validation."""
     missing = [str(e["loc"][-1]) for e in errors if isinstance(e, dict) and e.get("type") == "missing" and e.get("loc")]
     if missing:
         names = ", ".join(f"`{m}`" for m in missing)
-        return "missing_field", f"Required field {names} is missing; send it as a multipart/form-data field."
+        return "missing_field", f"Required field {names} is missing; see /docs for what to send."
     parts = [f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in errors[:5] if isinstance(e, dict)]
     return "invalid_request", "Invalid request: " + ("; ".join(parts) or "invalid input") + ". See /docs."
 
@@ -79,7 +79,7 @@ def reshape(status: int, raw: bytes, retry_after: int) -> ApiError:
         body = body[0]
     if isinstance(body, dict):
         if status == 400 and isinstance(body.get("detail"), list):
-            code, detail = _validation_detail(body["detail"])
+            code, detail = validation_detail(body["detail"])
         elif status < 500 and isinstance(body.get("error"), str):
             detail = f"{body['error']}. {detail}"
     return ApiError(status, code, detail, retry_after=retry_after if status in (429, 503) else None)

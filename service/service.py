@@ -22,13 +22,14 @@ import numpy as np
 from starlette.responses import JSONResponse
 
 from imgcls.errors import ApiError
-from imgcls.inference_log import PRODUCTION, InferenceLogWriter, ensure_writable
+from imgcls.inference_log import FEEDBACK, INFERENCE, PRODUCTION, InferenceLogWriter, ensure_writable
 from imgcls.model_files import ModelFilesError, open_model
 from imgcls.onnx_run import CPU, CUDA, cuda_usable
-from service import adaptations, lifecycle, metrics, pages, self_test, session, upload, wire
+from service import adaptations, feedback, lifecycle, metrics, pages, self_test, session, upload, wire
 from service.answers import Answerer, ClassifyBatchResult, ClassifyResult
 from service.batching import Batcher
 from service.core import Classifier
+from service.feedback import FeedbackResult, Label
 from service.http import ApiKeyAuth, ErrorShape
 from service.settings import Settings, SettingsError, cpu_count, resolve
 from service.threads import FairPool
@@ -45,7 +46,7 @@ except SettingsError as exc:
 adaptations.install(SETTINGS, "image_classifier", PLAN.api_workers)
 
 API_PATHS = ("/classify", "/classify_batch")
-PROTECTED = [*API_PATHS, "/info", "/ui/", *(["/metrics"] if SETTINGS.protect_metrics else [])]
+PROTECTED = [*API_PATHS, "/feedback", "/info", "/ui/", *(["/metrics"] if SETTINGS.protect_metrics else [])]
 # BentoML wraps every request in an OpenTelemetry span, exported only when an exporter is configured, and
 # unexported it still costs CPU on every request: the API routes skip it unless IMGCLS_TRACING=1.
 TRACING = {} if SETTINGS.tracing else {"tracing": {"excluded_urls": list(API_PATHS)}}
@@ -150,6 +151,7 @@ class ImageClassifier:
             os.environ["IMGCLS_MODEL"] = str(stored.tag)  # the workers copy the supervisor's environment
             self_test.check_stored_model(stored.path, PLAN, SETTINGS)
             ensure_writable(SETTINGS.inference_log_dir)
+            feedback.load_key(SETTINGS.request_id_key_path)
         except (ModelFilesError, OSError) as exc:
             log.error("cannot serve: %s", exc)
             sys.exit(f"imgcls: cannot serve: {exc}")
@@ -160,16 +162,21 @@ class ImageClassifier:
         self.tag = str(stored.tag)
         files = open_model(stored.path)
         recorded = metrics.get()
-        self.inference_log = InferenceLogWriter(
-            SETTINGS.inference_log_dir,
-            max_bytes=SETTINGS.log_max_bytes,
-            max_total_bytes=SETTINGS.log_max_total_bytes,
-            max_age_s=SETTINGS.log_max_age_days * 86400,
-            thumbnail_bytes=SETTINGS.thumbnail_bytes,
-            thumbnails_per_s=SETTINGS.thumbnails_per_s,
-            on_error=recorded.log_write_errors.inc,
-            on_drop=recorded.log_dropped.inc,
-        )
+        logs = {
+            kind: InferenceLogWriter(
+                SETTINGS.inference_log_dir,
+                max_bytes=SETTINGS.log_max_bytes,
+                max_total_bytes=SETTINGS.log_max_total_bytes,
+                max_age_s=SETTINGS.log_max_age_days * 86400,
+                thumbnail_bytes=SETTINGS.thumbnail_bytes,
+                thumbnails_per_s=SETTINGS.thumbnails_per_s,
+                on_error=recorded.log_write_errors.inc,
+                on_drop=recorded.log_dropped.inc,
+                kind=kind,
+            )
+            for kind in (INFERENCE, FEEDBACK)
+        }
+        self.inference_log, self.feedback_log = logs[INFERENCE], logs[FEEDBACK]
         log.info("inference log: %s", self.inference_log.folder)
         if PLAN.shared_model:  # SharedModel starts exactly this variant and provider, or stops
             variant = session.choose_variant(SETTINGS.variant, PLAN.device, files.variants)
@@ -180,7 +187,9 @@ class ImageClassifier:
             model = session.open_in_worker(files, self.tag, PLAN, SETTINGS)
             variant, provider, run = model.variant, model.provider, model.infer
         answerer = Answerer(self.tag, variant, files.labels, files.detectors[variant], self.inference_log)
-        self.classifier = Classifier.for_settings(files.spec, run, answerer, SETTINGS, PLAN)
+        ids = feedback.RequestIds(feedback.load_key(SETTINGS.request_id_key_path))
+        self.classifier = Classifier.for_settings(files.spec, run, answerer, SETTINGS, PLAN, ids.new)
+        self.labels_sent = feedback.Feedback(ids, files.labels, self.tag, self.feedback_log)
         upload.configure(SETTINGS)
         self.info = pages.model_info(self.tag, files, variant, provider, SETTINGS.max_files, SETTINGS.max_image_bytes)
         self.serving = False
@@ -220,6 +229,7 @@ class ImageClassifier:
         """Last step of a graceful stop, after the requests in flight: flush the inference log."""
         self._stop_serving()
         self.inference_log.close()
+        self.feedback_log.close()
         self.classifier.close()
 
     @bentoml.api(route="/classify", input_spec=ImageUpload, output_spec=ClassifyResult)
@@ -231,6 +241,12 @@ class ImageClassifier:
     async def classify_batch(self, images: list[bytes], top_k: int = 5, source: str = PRODUCTION) -> JSONResponse:
         """Classify several photos (repeated multipart field `images`) in one request; results in upload order."""
         return JSONResponse(await self.classifier.classify_batch(images, top_k, source))
+
+    @bentoml.api(route="/feedback", output_spec=FeedbackResult)
+    async def feedback(self, request_id: str = "", label: str = "", items: list[Label] | None = None) -> JSONResponse:
+        """Send the true label of an answered image (or `items`, several at once); the accuracy job joins the labels
+        to the predictions (python -m drift.accuracy)."""
+        return JSONResponse(self.labels_sent.record(request_id, label, items or []))
 
 
 def worker_model_info() -> pages.ModelInfo | None:

@@ -85,6 +85,11 @@ class Settings:
         "production,loadtest,simulation",
     )
     log_dir: str = _help("inference-log folder; empty: $BENTOML_HOME/inference_log", "")
+    request_id_key_file: str = _help(
+        "the key that signs request ids, so that /feedback knows ids it issued (made on the first start); empty: "
+        "request-id.key in the inference-log folder. Pods that share it accept feedback on each other's answers",
+        "",
+    )
     log_max_bytes: int = _help("rotate each inference-log file at this size", 64 << 20)
     log_max_total_bytes: int = _help("delete the oldest inference-log files past this total; 0: keep all", 8 << 30)
     log_max_age_days: float = _help("delete inference-log records older than this many days; 0: no age limit", 30.0)
@@ -173,6 +178,14 @@ class Settings:
     @property
     def decode_limits(self) -> DecodeLimits:
         return DecodeLimits(self.max_pixels, self.max_decode_pixels)
+
+    @property
+    def request_id_key_path(self) -> Path:
+        return (
+            Path(self.request_id_key_file).expanduser()
+            if self.request_id_key_file
+            else (self.inference_log_dir / "request-id.key")
+        )
 
     @property
     def inference_log_dir(self) -> Path:

@@ -156,6 +156,20 @@ def push_drift_figures(pushgateway: str) -> None:
         assert resp.status in (200, 202)
 
 
+def push_accuracy_figures(pushgateway: str) -> None:
+    """What the accuracy job pushes after a run that found the accuracy dropped (drift.accuracy renders it)."""
+    from prometheus_client import generate_latest
+
+    from drift.accuracy import AccuracyResult, registry
+
+    result = AccuracyResult(model="image-classifier:test", labelled=120, predictions=4000, accuracy=0.81, upper=0.87,
+                            test_accuracy=0.97, dropped=True)  # fmt: skip
+    body = generate_latest(registry(result, result.model))
+    request = urllib.request.Request(f"{pushgateway}/metrics/job/imgcls_accuracy", data=body, method="PUT")
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.status in (200, 202)
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_make_monitor_shows_every_dashboard_figure_under_load_and_stops_on_ctrl_c(server, tmp_path):
@@ -179,6 +193,7 @@ def test_make_monitor_shows_every_dashboard_figure_under_load_and_stops_on_ctrl_
         links = {line.split()[0]: line.split()[1] for line in printed if line.split()[:1] and line.split()[0] in PAGES}
         assert set(links) == set(PAGES) and all(answers(url) for url in links.values()), links  # no dead link
         push_drift_figures(pushgateway)
+        push_accuracy_figures(pushgateway)
         locust = subprocess.run(
             [sys.executable, "-m", "locust", "-f", "loadtest", "--headless", "--host", server.url, "-u", "4",
              "-r", "4", "-t", f"{LOAD_SECONDS}s", "--bad-input-share", "0.2", "--image-pool", "2", "--only-summary"],
@@ -207,7 +222,7 @@ def test_make_monitor_shows_every_dashboard_figure_under_load_and_stops_on_ctrl_
                 alerts = json.load(resp)["data"]["alerts"]
             return {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
 
-        wait_for(lambda: "ImgclsDriftDetected" in firing(), monitor, 30)  # pushed, scraped, evaluated
+        wait_for(lambda: {"ImgclsDriftDetected", "ImgclsAccuracyDropped"} <= firing(), monitor, 30)  # pushed, scraped
     finally:
         if monitor.poll() is None:
             monitor.send_signal(signal.SIGINT)  # Ctrl+C

@@ -35,7 +35,7 @@ BENTOML_SPEC = {
     "tags": [{"name": "Service APIs", "description": "BentoML Service API endpoints for inference."}],
     "paths": {
         path: {"post": {"responses": {200: {"description": "Successful Response"}, 400: {}, 404: {}, 500: {}}}}
-        for path in ("/classify", "/classify_batch")
+        for path in ("/classify", "/classify_batch", "/feedback")
     },
     "components": {"schemas": {"InvalidArgument": {}}},
 }
@@ -150,11 +150,14 @@ def test_the_spec_has_our_title_version_and_real_errors():
         "$ref": "#/components/schemas/ModelInfo"
     }
     assert "401" not in classify and "securitySchemes" not in spec["components"]
+    feedback = spec["paths"]["/feedback"]["post"]["responses"]
+    assert sorted(feedback) == ["200", "400", "404", "413"] and "`unknown_request_id`" in feedback["404"]["description"]
 
 
 def test_with_an_api_key_the_spec_says_where_it_is_needed():
     spec = api_docs.complete(BENTOML_SPEC, "1.2.3", pages.ModelInfo, api_key=True)
-    for path, method in (("/classify", "post"), ("/classify_batch", "post"), ("/info", "get"), ("/ui", "get")):
+    for path, method in (("/classify", "post"), ("/classify_batch", "post"), ("/feedback", "post"), ("/info", "get"),
+                         ("/ui", "get")):  # fmt: skip
         operation = spec["paths"][path][method]
         assert "401" in operation["responses"] and operation["security"] == api_docs.SECURITY, path
     assert set(spec["components"]["securitySchemes"]) == {"bearer", "apiKeyHeader", "basic"}

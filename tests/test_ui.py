@@ -173,6 +173,15 @@ def test_page_classifies_uploads_and_shows_refusals_plainly(browser, server, tin
         assert cards.nth(i).locator(".notice").is_visible() == expected[name]["unfamiliar"]
     assert "unlike anything the model was trained on" in cards.nth(1).locator(".notice").inner_text()
 
+    # The labels are one tap away (no tooltip), and a person can confirm or correct an answer: POST /feedback.
+    model.locator("details.labels summary").click()
+    assert ", ".join(info["labels"]) in model.locator(".label-list").inner_text()
+    cards.nth(0).locator(".verdict button").click()
+    assert cards.nth(0).locator(".verdict-done").inner_text().startswith(f"Recorded: {expected['star.jpg']['label']}")
+    other = next(label for label in info["labels"] if label != expected["checkerboard.png"]["label"])
+    cards.nth(1).locator(".verdict select").select_option(label=other)
+    assert cards.nth(1).locator(".verdict-done").inner_text() == f"Recorded: {other}. Thank you."
+
     save(page, tmp_path, "ui-screenshot.png")
     assert problems == [], problems
     context.close()
@@ -192,6 +201,8 @@ def test_page_fits_a_phone(browser, server, images, tmp_path):
     assert page.locator(".card").nth(1).locator(".error-code").inner_text() == "undecodable_image"
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, f"the page is {width} px wide on a 390 px screen: it scrolls sideways"
+    model_height = page.locator("#model").bounding_box()["height"]
+    assert model_height < 844 / 8, f"the model's description takes {model_height:.0f} px of an 844 px screen"
     save(page, tmp_path, "ui-phone.png")
     assert problems == [], problems
     context.close()

@@ -38,8 +38,8 @@ async function readBody(response) {
 
 // ---- The model, from /info ----
 
-function chip(name, value, title) {
-  const node = el("span", "chip");
+function chip(name, value, title, secondary = false) {
+  const node = el("span", secondary ? "chip secondary" : "chip");
   node.append(el("span", "chip-name", name), el("span", "chip-value", value));
   if (title) node.title = title;
   return node;
@@ -49,13 +49,18 @@ function showInfo(info) {
   const box = $("#model");
   const accuracy = info.accuracy == null ? "unknown" : percent(info.accuracy);
   const tested = info.test_images ? `on ${info.test_images} test images` : "";
+  // The label list opens on a tap: a tooltip shows nothing on a phone.
+  const labels = el("details", "chip labels");
+  const summary = el("summary");
+  summary.append(el("span", "chip-name", "labels"), el("span", "chip-value", String(info.labels.length)));
+  labels.append(summary, el("span", "label-list", info.labels.join(", ")));
   box.replaceChildren(
     chip("model", info.model),
-    chip("variant", info.variant),
-    chip("provider", info.provider),
-    chip("test accuracy", accuracy, tested),
-    chip("input", `${info.input_size}×${info.input_size} px`),
-    chip("labels", String(info.labels.length), info.labels.join(", ")),
+    chip("variant", info.variant, "", true),
+    chip("provider", info.provider, "", true),
+    chip("test accuracy", accuracy, tested, true),
+    chip("input", `${info.input_size}×${info.input_size} px`, "", true),
+    labels,
   );
   const topK = $("#topk");
   topK.max = String(info.labels.length);
@@ -98,15 +103,15 @@ function makeCard(file) {
   return node;
 }
 
-function showResult(card, result) {
+function showResult(card, result, requestId) {
   $(".state", card).hidden = true;
   card.classList.add("done");
   if (result.unfamiliar) {
     const notice = $(".notice", card);
     const threshold = state.info ? ` (above ${state.info.unfamiliar_threshold.toFixed(1)} is unfamiliar)` : "";
     notice.textContent =
-      "This image is unlike anything the model was trained on: the labels below are a guess. " +
-      `Unfamiliarity ${result.ood_score.toFixed(2)}${threshold}.`;
+      "This image is unlike anything the model was trained on: the labels below are a guess, however high " +
+      `their scores. Unfamiliarity ${result.ood_score.toFixed(2)}${threshold}.`;
     notice.hidden = false;
     card.classList.add("unfamiliar");
   }
@@ -120,6 +125,39 @@ function showResult(card, result) {
     item.append(el("span", "label", prediction.label), el("span", "score", percent(prediction.score)), track);
     bars.append(item);
   });
+  if (requestId && state.info) showVerdict(card, result.label, requestId);
+}
+
+// ---- Telling the service the true label (POST /feedback): the accuracy job joins it to the prediction ----
+
+function showVerdict(card, predicted, requestId) {
+  const box = $(".verdict", card);
+  const right = el("button", "button small", `Yes, ${predicted}`);
+  right.type = "button";
+  const choice = el("select", "correct");
+  choice.append(el("option", "", "No, it is…"));
+  for (const label of state.info.labels) if (label !== predicted) choice.append(el("option", "", label));
+  choice.firstElementChild.value = "";
+  box.replaceChildren(el("span", "verdict-question", "Right?"), right, choice);
+  right.addEventListener("click", () => sendLabel(box, requestId, predicted));
+  choice.addEventListener("change", () => choice.value && sendLabel(box, requestId, choice.value));
+  box.hidden = false;
+}
+
+async function sendLabel(box, requestId, label) {
+  let text;
+  try {
+    const response = await fetch("../feedback", {
+      method: "POST",
+      body: JSON.stringify({ request_id: requestId, label }),
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+    });
+    const body = await readBody(response);
+    text = response.ok ? `Recorded: ${label}. Thank you.` : `Not recorded: ${body.error}: ${body.detail}`;
+  } catch (err) {
+    text = `Not recorded (${err.message}).`;
+  }
+  box.replaceChildren(el("span", "verdict-done", text));
 }
 
 function showError(card, status, body) {
@@ -165,7 +203,11 @@ async function send(files, topK) {
     parts.push(response ? `refused (${response.status})` : "failed");
   } else {
     const results = single ? [body] : body.results;
-    results.forEach((result, i) => (result.error ? showError(cards[i], null, result) : showResult(cards[i], result)));
+    results.forEach((result, i) =>
+      result.error
+        ? showError(cards[i], null, result)
+        : showResult(cards[i], result, single ? body.request_id : `${body.request_id}/${i}`),
+    );
     parts.push(`model ${body.model}`);
   }
   summary.append(` round trip · ${parts.join(" · ")}`);
