@@ -366,9 +366,11 @@ class Census:
 def _answer_api_errors() -> None:
     """An ApiError raised while BentoML runs an API (its IO descriptor or its method) is answered as ours."""
     from _bentoml_impl.server.app import ServiceAppFactory  # private: the class whose method runs each API call
+    from bentoml.exceptions import BentoMLException
     from pydantic import ValidationError
+    from starlette.exceptions import HTTPException
 
-    from service.http import error_response, validation_detail
+    from service.http import STATUS_CODES, error_response, validation_detail
 
     original = ServiceAppFactory.api_endpoint
     if getattr(original, "imgcls_adapted", False):
@@ -381,9 +383,15 @@ def _answer_api_errors() -> None:
             return error_response(err)
         except ValidationError as exc:  # a JSON body BentoML validated against the method's signature
             return error_response(ApiError(400, *validation_detail(exc.errors(include_input=False))))
+        except (HTTPException, BentoMLException) as exc:  # reading the body (Starlette: a form without boundary)
+            status = exc.status_code if isinstance(exc, HTTPException) else exc.error_code.value
+            if status < 500:
+                code, detail = STATUS_CODES.get(status, STATUS_CODES[400])
+                return error_response(ApiError(status, code, f"{detail} ({getattr(exc, 'detail', exc)})"))
+            log.exception("%s %s failed", request.method, request.url.path)
         except Exception:  # BentoML would answer {"error": ...} or a bare 500: ours, logged
             log.exception("%s %s failed", request.method, request.url.path)
-            return error_response(ApiError(500, "internal_error", INTERNAL_ERROR))
+        return error_response(ApiError(500, "internal_error", INTERNAL_ERROR))
 
     api_endpoint.imgcls_adapted = True  # type: ignore[attr-defined]
     ServiceAppFactory.api_endpoint = api_endpoint

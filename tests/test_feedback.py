@@ -35,6 +35,9 @@ def test_labels_for_answers_are_recorded_and_bad_ones_refused(server):
     assert_error(feedback(server, {"request_id": "not-an-id", "label": label}), 404, "unknown_request_id")
     assert_error(feedback(server, {"request_id": answer["request_id"], "label": "zebra"}), 400, "unknown_label")
     assert_error(feedback(server, {"request_id": answer["request_id"]}), 400, "missing_field")
+    unreadable = requests.post(server.url + "/feedback", data=b'{"request_id": ""}', timeout=30,
+                               headers={"Content-Type": "multipart/form-data"})  # no boundary  # fmt: skip
+    assert_error(unreadable, 400, "invalid_request")
     refused = feedback(server, {"items": [*items, {"request_id": forged, "label": label}]})
     assert_error(refused, 404, "unknown_request_id")
     assert "Item 3" in refused.json()["detail"]  # and nothing of that request was recorded
