@@ -52,7 +52,7 @@ test: setup system-deps ## set up and run every test, the container's too (GPU t
 	@if [ "$$(id -u)" = 0 ]; then bash container/base.sh; else echo "not root: the container tests will skip"; fi
 	$(BIN)/pytest
 
-monitor: setup system-deps ## Prometheus (rules, :9090) watching the service on :3000 ($BENTOML_PORT) and the drift Pushgateway; ARGS='--port 9190' for others
+monitor: setup system-deps ## Prometheus (rules, :9090) watching the service on :3000 ($BENTOML_PORT), the drift Pushgateway and Evidently's UI (:8000); ARGS='--port 9190' for others
 	$(PY) -m monitoring.monitor $(ARGS)
 
 stored-model: setup

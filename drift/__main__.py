@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import typing as t
 from pathlib import Path
 
-from drift.history import HISTORY_FILE, PAGE_FILE, load_history, record_run, run_entry
 from drift.logread import LogError, parse_since, read_log
 from drift.promfile import push, registry, write_textfile
 from drift.reference import ReferenceError, load_reference
-from drift.report import DriftConfig, NotEnoughData, drift_report, save_cannot_judge, summary_table
+from drift.report import COLUMNS, DriftConfig, NotEnoughData, drift_report, save_cannot_judge, summary_table
+from drift.reportpage import verdict
 from drift.thumbnails import DEFAULT_COUNT, most_unfamiliar
-from drift.trendpage import render_history_page
+from drift.workspace import DEFAULT_PROJECT, WORKSPACE_DIR, cannot_judge_snapshot, record, run_tags, tagged
 from imgcls.inference_log import PRODUCTION, default_log_dir
 from imgcls.model_files import VARIANTS
 
@@ -24,7 +25,6 @@ EXIT_CODES = f"""exit codes:
   {EXIT_DRIFT}  drift: a feature, the predicted labels or the embeddings moved (see the report)
   {EXIT_CANNOT_JUDGE}  cannot judge: no log, too few rows, several models or variants in the window, no reference
   {EXIT_USAGE} the command line is wrong (nothing is judged, written or pushed)
-  with --history-only: {EXIT_OK} the page was written, {EXIT_CANNOT_JUDGE} there is no history to show
 """
 
 
@@ -77,13 +77,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference", type=Path, help="reference parquet to use instead of the one stored with the model")
     p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: %(default)s)")
     p.add_argument(
-        "--history",
+        "--workspace",
         type=Path,
-        help=f"run history each run is appended to (default: OUT/{HISTORY_FILE}); OUT/{PAGE_FILE} shows it",
+        help=f"Evidently workspace each run is added to (default: OUT/{WORKSPACE_DIR}); `evidently ui` shows it",
     )
-    p.add_argument(
-        "--history-only", action="store_true", help=f"only re-render OUT/{PAGE_FILE} from the history; no new run"
-    )
+    p.add_argument("--project", default=DEFAULT_PROJECT, help="its project (default: %(default)s)")
     p.add_argument(
         "--thumbnails",
         type=int,
@@ -111,14 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     config = DriftConfig(min_rows=args.min_rows, max_rows=args.max_rows, seed=args.seed)
     sources = None if args.all_sources else frozenset(args.sources or [PRODUCTION])
     prom_file = args.prom_file or args.out / "drift.prom"
-    history, page = args.history or args.out / HISTORY_FILE, args.out / PAGE_FILE
-    if args.history_only:
-        entries = load_history(history)
-        if not entries:
-            print(f"no drift run recorded in {history}", file=sys.stderr)
-            return EXIT_CANNOT_JUDGE
-        print(f"history: {render_history_page(entries, page, history.parent)} ({len(entries)} runs)")
-        return EXIT_OK
 
     data = result = None
     reason, notes, thumbnails, subject = "", [], None, ""
@@ -152,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             reference = load_reference(path=args.reference)
         else:
             reference = load_reference(data.model, args.variant or data.variant)
+        figures = {"rows": data.rows}
+        if math.isfinite(data.unfamiliar_share):  # (not when the log predates the unfamiliar-image score)
+            figures["unfamiliar_share"] = data.unfamiliar_share
         result = drift_report(reference, data.frame, args.out, config, notes=notes, subject=subject,
-                              thumbnails=thumbnails, rows=data.rows)  # fmt: skip
+                              thumbnails=thumbnails, rows=data.rows, figures=figures)  # fmt: skip
     except (LogError, ReferenceError, NotEnoughData, ValueError) as e:
         reason = str(e)
         print(f"cannot judge drift: {reason}", file=sys.stderr)
@@ -163,11 +156,15 @@ def main(argv: list[str] | None = None) -> int:
                        data.rows if data else 0, unfamiliar)  # fmt: skip
     write_textfile(prom_file, figures)
     report = result.html_path if result else save_cannot_judge(args.out, reason, notes, subject, thumbnails)
-    entry = run_entry(result, data, reason, sources, args.since, args.last, report, history)
+    workspace = args.workspace or args.out / WORKSPACE_DIR
+    model, variant = (data.model, data.variant) if data else (None, None)
+    snapshot = result.snapshot if result else cannot_judge_snapshot("drift", reason, data.rows if data else 0)
+    tags = run_tags(verdict(result), model, variant, "drift")
     try:
-        print(f"history: {record_run(history, entry, page)}")
+        run = record(workspace, tagged(snapshot, tags, {"report": str(report)}), COLUMNS, args.project)
+        print(f"workspace: {run}")
     except OSError as exc:  # the verdict still stands: say so and go on
-        print(f"could not record the run in {history}: {exc}", file=sys.stderr)
+        print(f"could not record the run in the workspace {workspace}: {exc}", file=sys.stderr)
     if args.pushgateway:
         try:
             push(args.pushgateway, figures, data.model if data else None)

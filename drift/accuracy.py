@@ -27,11 +27,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from evidently.core.report import Snapshot
 from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
 
 from drift.logread import LogError, find_log_files, parse_since
 from drift.promfile import write_textfile
 from drift.reference import ReferenceError, model_folder
+from drift.report import COLUMNS
+from drift.reportpage import CANNOT_JUDGE
+from drift.workspace import (
+    DEFAULT_PROJECT,
+    DROPPED,
+    IN_LINE,
+    WORKSPACE_DIR,
+    cannot_judge_snapshot,
+    figure_metrics,
+    record,
+    run_tags,
+    tagged,
+)
 from imgcls.inference_log import FEEDBACK, default_log_dir, log_files, parse_feedback, parse_record
 from imgcls.model_files import METRICS_FILE
 
@@ -151,8 +165,9 @@ def judge(frame: pd.DataFrame, predictions: int, tag: str, max_drop: float) -> A
     )  # fmt: skip
 
 
-def evidently_report(frame: pd.DataFrame, result: AccuracyResult, out: Path) -> Path:
-    """Evidently's classification preset over the labelled predictions, with the test figures beside it."""
+def evidently_report(frame: pd.DataFrame, result: AccuracyResult, out: Path) -> tuple[Path, Snapshot]:
+    """Evidently's classification preset over the labelled predictions, with the test figures beside it; the
+    page's path and the snapshot."""
     from evidently import DataDefinition, Dataset, MulticlassClassification, Report
     from evidently.presets import ClassificationPreset
 
@@ -169,8 +184,12 @@ def evidently_report(frame: pd.DataFrame, result: AccuracyResult, out: Path) -> 
         f"Test set per class: {json.dumps(per_class)}"
     )
     stamp = datetime.now(UTC)
-    snapshot = Report([ClassificationPreset()], metadata={"notes": notes}).run(
-        data, None, timestamp=stamp.replace(tzinfo=None), name="accuracy"
+    figures, additional = figure_metrics(
+        {"rows": result.labelled, "test_accuracy": result.test_accuracy, "accuracy_upper": result.upper,
+         "labelled_share": result.labelled_share, "dropped": result.dropped}
+    )  # fmt: skip
+    snapshot = Report([ClassificationPreset(), *figures], metadata={"notes": notes}).run(
+        data, None, additional_data=additional, timestamp=stamp.replace(tzinfo=None), name="accuracy"
     )
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"accuracy-{stamp:%Y%m%dT%H%M%SZ}.html"
@@ -183,7 +202,7 @@ def evidently_report(frame: pd.DataFrame, result: AccuracyResult, out: Path) -> 
     page = path.read_text()
     path.write_text(page.replace("<body>", "<body>" + banner, 1) if "<body>" in page else banner + page)
     (out / path.name.replace(".html", ".json")).write_text(json.dumps(asdict(result), indent=1, default=str))
-    return path
+    return path, snapshot
 
 
 def registry(result: AccuracyResult | None, model: str | None) -> CollectorRegistry:
@@ -225,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-drop", type=float, default=0.05,
                    help="tolerated drop below the test accuracy, 0..1 (default: %(default)s)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("reports"), help="reports folder (default: %(default)s)")
+    p.add_argument("--workspace", type=Path,
+                   help=f"Evidently workspace each run is added to (default: OUT/{WORKSPACE_DIR})")  # fmt: skip
+    p.add_argument("--project", default=DEFAULT_PROJECT, help="its project (default: %(default)s)")
     p.add_argument("--prom-file", type=Path, help="Prometheus text file (default: OUT/accuracy.prom)")
     p.add_argument("--pushgateway", metavar="URL", help="also push the figures to this Prometheus Pushgateway")
     args = p.parse_args(argv)
@@ -233,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except LogError as exc:
         p.error(f"argument --since: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result, model, reason = None, args.model, ""
+    result, model, reason, snapshot, labelled = None, args.model, "", None, 0
     try:
         labels = read_labels(args.log_dir)
         frame, predictions = join(args.log_dir, labels, since, args.model)
@@ -246,11 +268,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"{len(frame)} labelled predictions in the window ({len(labels)} labels in all); at least "
                 f"{args.min_labels} are needed: send labels to POST /feedback, or widen --since"
             )
+        labelled = len(frame)
         result = judge(frame, predictions.get(model, len(frame)), model, args.max_drop)
-        result.html_path = str(evidently_report(frame, result, args.out))
+        path, snapshot = evidently_report(frame, result, args.out)
+        result.html_path = str(path)
     except (LogError, ReferenceError, OSError) as exc:
         reason = str(exc)
         print(f"cannot judge accuracy: {reason}", file=sys.stderr)
+    verdict = CANNOT_JUDGE if result is None else DROPPED if result.dropped else IN_LINE
+    workspace = args.workspace or args.out / WORKSPACE_DIR
+    try:
+        snapshot = snapshot or cannot_judge_snapshot("accuracy", reason, labelled)
+        tags = run_tags(verdict, model, None, "accuracy")
+        run = tagged(snapshot, tags, {"report": result.html_path if result else "", "reason": reason})
+        print(f"workspace: {record(workspace, run, COLUMNS, args.project)}")
+    except OSError as exc:  # the verdict still stands
+        print(f"could not record the run in the workspace {workspace}: {exc}", file=sys.stderr)
     figures = registry(result, model)
     print(f"prometheus: {write_textfile(args.prom_file or args.out / 'accuracy.prom', figures)}")
     if args.pushgateway:

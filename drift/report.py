@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -92,6 +93,7 @@ class DriftResult:
     notes: list[str] = field(default_factory=list)
     html_path: Path | None = None
     json_path: Path | None = None
+    snapshot: Any = field(default=None, repr=False)  # Evidently's, for the workspace
 
     @property
     def sampled(self) -> bool:
@@ -99,7 +101,8 @@ class DriftResult:
 
     def to_dict(self) -> dict:
         """A JSON-ready summary."""
-        out = asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "snapshot"}
+        out["columns"] = [asdict(c) for c in self.columns]
         out["sampled"] = self.sampled
         out["html_path"] = str(self.html_path) if self.html_path else None
         out["json_path"] = str(self.json_path) if self.json_path else None
@@ -167,15 +170,19 @@ def drift_report(
     subject: str = "",
     thumbnails: Sequence[Thumbnail] | None = None,
     rows: int | None = None,
+    figures: Mapping[str, float] | None = None,
 ) -> DriftResult:
     """Build and run the Evidently report of ``current`` against ``reference``; save HTML + JSON under ``out_dir``.
 
     ``subject`` (what was judged, e.g. the model and variant) goes into the page's title and banner, and
     ``thumbnails`` into a strip below it (``None``: no strip). ``rows``: the window's rows when ``current`` is a
-    sample of them (the log reader's)."""
+    sample of them (the log reader's). ``figures`` (of :data:`drift.workspace.TITLES`) go into the snapshot beside
+    the embeddings' and the thresholds, for the workspace's dashboard."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.metrics import DriftedColumnsCount, ValueDrift
     from evidently.metrics.embeddings import ModelDriftMethod
+
+    from drift.workspace import figure_metrics
 
     _register_label_test()
     config = config or DriftConfig()
@@ -224,27 +231,33 @@ def drift_report(
             for c in columns
         ),
     ]
-    stamp = datetime.now(UTC)
-    report = Report(metrics, include_tests=True, metadata={"notes": " ".join(notes)})
-    # np.errstate: a constant column (every upload the same size) makes Evidently divide 0 by 0 in a correlation.
-    with np.errstate(invalid="ignore", divide="ignore"):
-        snapshot = report.run(
-            Dataset.from_pandas(cur[list(columns)], data_definition=definition),
-            Dataset.from_pandas(ref[list(columns)], data_definition=definition),
-            timestamp=stamp.replace(tzinfo=None),
-            name=name,
-        )
     # Evidently's classifier method, called directly: its report widget would add a t-SNE map of the embeddings
     # (about 15 s on 2 cores) that says less than the score.
     embedding_score, embedding_drift, _ = ModelDriftMethod(threshold=auc_threshold, bootstrap=False)(
         cur[emb].copy(), ref[emb].copy()
     )
+    extra, additional = figure_metrics(
+        {**(figures or {}), "column_threshold": column_threshold, "embedding_auc": embedding_score,
+         "embedding_threshold": auc_threshold, "embedding_drifted": embedding_drift}
+    )  # fmt: skip
+    stamp = datetime.now(UTC)
+    report = Report([*metrics, *extra], include_tests=True, metadata={"notes": " ".join(notes)})
+    # np.errstate: a constant column (every upload the same size) makes Evidently divide 0 by 0 in a correlation.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snapshot = report.run(
+            Dataset.from_pandas(cur[list(columns)], data_definition=definition),
+            Dataset.from_pandas(ref[list(columns)], data_definition=definition),
+            additional_data=additional,
+            timestamp=stamp.replace(tzinfo=None),
+            name=name,
+        )
     evidently = snapshot.dict()
     result = _summarise(evidently, config, column_threshold, auc_threshold, embedding_score, embedding_drift)
     result.rows_current, result.rows_reference = len(cur), len(ref)
     result.rows_current_total, result.rows_reference_total = rows, len(reference)
     result.timestamp = stamp.isoformat(timespec="seconds")
     result.notes = notes
+    result.snapshot = snapshot
     if out_dir is not None:
         base = _new_base(out_dir, name, stamp)
         result.html_path, result.json_path = base.with_suffix(".html"), base.with_suffix(".json")

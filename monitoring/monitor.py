@@ -1,9 +1,9 @@
 """`make monitor`: Debian's Prometheus with the project's scrape config and rules, watching a local service.
 
 It also starts a Pushgateway for the drift job when none answers at ``--pushgateway`` (its pushes are kept in
-the data folder), prints the URLs, and stops what it started on Ctrl+C (or SIGTERM). Everything binds to
-127.0.0.1; the data (Prometheus's TSDB, the Pushgateway's file, both logs) stays in ``--data-dir``, so the
-history survives a restart.
+the data folder) and Evidently's UI on the drift and accuracy jobs' workspace (``--workspace``), prints the URLs,
+and stops what it started on Ctrl+C (or SIGTERM). Everything binds to 127.0.0.1; the data (Prometheus's TSDB, the
+Pushgateway's file, the logs) stays in ``--data-dir``, so the history survives a restart.
 """
 
 from __future__ import annotations
@@ -73,10 +73,10 @@ def binary(name: str) -> str:
     return path
 
 
-def start(cmd: list[str], log_file: Path) -> subprocess.Popen:
+def start(cmd: list[str], log_file: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a server with its output in ``log_file``."""
     with open(log_file, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
 def wait_until(url: str, proc: subprocess.Popen, log_file: Path, timeout: float = 60.0) -> None:
@@ -128,6 +128,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=HERE.parent / ".monitor",
                    help="TSDB, Pushgateway file, logs (%(default)s)")  # fmt: skip
     p.add_argument("--scrape-interval", default=None, help="instead of prometheus.yml's 5s, e.g. 1s")
+    p.add_argument("--workspace", type=Path, default=Path("reports/workspace"),
+                   help="the drift and accuracy jobs' Evidently workspace (%(default)s)")  # fmt: skip
+    p.add_argument("--evidently-port", type=int, default=8000, help="Evidently UI's port on 127.0.0.1, 0: none "
+                   "(%(default)s)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -163,6 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         base = f"http://127.0.0.1:{args.port}"
         wait_until(base + "/-/ready", procs[-1], log_file)
 
+        evidently_note = "not started (--evidently-port 0)"
+        if args.evidently_port:
+            log_file = args.data_dir / "evidently.log"
+            args.workspace.mkdir(parents=True, exist_ok=True)  # (it shows an empty one until the first run)
+            cmd = [str(Path(sys.executable).parent / "evidently"), "ui", "--workspace", str(args.workspace),
+                   "--host", "127.0.0.1", "--port", str(args.evidently_port)]  # fmt: skip
+            procs.append(start(cmd, log_file, env={**os.environ, "DO_NOT_TRACK": "1"}))  # no usage telemetry
+            evidently_url = f"http://127.0.0.1:{args.evidently_port}"
+            wait_until(evidently_url + "/api/version", procs[-1], log_file)
+            evidently_note = f"{evidently_url}  (workspace {args.workspace.resolve()}, log {log_file})"
+
         service_note = "answering" if answers(f"http://{args.service}/metrics") else "not answering yet (make serve)"
         pages = "".join(f"  {name:<10} {url}\n" for name, url in page_links(base).items())
         print(
@@ -170,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Service      http://{args.service}/metrics  ({service_note})\n"
             f"Pushgateway  {pushgateway_url}  ({pushgateway_note})\n"
             f"  drift job  python -m drift --pushgateway {pushgateway_url}\n"
+            f"Evidently    {evidently_note}\n"
             f"Dashboard    {HERE / 'grafana' / 'dashboard.json'} (for Grafana; see docs/monitoring.md)\n"
             "Ctrl+C stops.",
             flush=True,

@@ -1,4 +1,4 @@
-"""Where people look: the run history and its trend page, the report's banner and legend, the thumbnails.
+"""Where people look: the run history in Evidently's workspace and UI, the report's banner and legend, the thumbnails.
 
 Synthetic logs as in tests/test_drift.py (the service's schema functions, real Evidently, a model saved in the
 test store); thumbnails written by the service's own log writer.
@@ -6,72 +6,56 @@ test store); thumbnails written by the service's own log writer.
 
 from __future__ import annotations
 
-import json
+import os
 import re
+import subprocess
+import sys
 import threading
+import time
+import typing as t
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
+from evidently.ui.workspace import Workspace
 
 from drift.__main__ import main
-from drift.history import append_run, load_history, record_run
 from drift.logread import read_log
 from drift.report import drift_report, save_cannot_judge
 from drift.reportpage import CANNOT_JUDGE, COLOURS, DRIFT, MEANINGS, NO_DRIFT
 from drift.thumbnails import most_unfamiliar
+from drift.workspace import DEFAULT_PROJECT, cannot_judge_snapshot, record, tagged
 from imgcls.imagestats import STAT_FIELDS
 from imgcls.inference_log import EMBEDDING_PREFIX, InferenceLogWriter, make_record
+from loadtest.servers import free_port
 from tests.test_drift import T0, stored_model, synthetic_rows, write_log  # noqa: F401  (stored_model: a fixture)
 
 
-def entry(i: int, verdict: str = NO_DRIFT, **extra) -> dict:
-    """A history line as the job writes it (only the fields the reader and the page rely on)."""
-    time = (T0 + timedelta(hours=i)).isoformat()
-    features = [{"feature": "brightness", "method": "ks", "score": 0.5 / (i + 1), "threshold": 0.0017,
-                 "drifted": verdict == DRIFT, "drifts_when": "p <= thr"}]  # fmt: skip
-    return {"v": 1, "time": time, "verdict": verdict, "model": "m:1", "variant": "int8", "rows": 100 + i,
-            "features": features, **extra}  # fmt: skip
+def workspace_runs(folder: Path) -> list:
+    """The snapshots of the workspace's project, oldest first, read back with Evidently's own API."""
+    workspace = Workspace(str(folder))
+    (project,) = workspace.search_project(DEFAULT_PROJECT)
+    runs = [workspace.get_run(project.id, i) for i in workspace.list_runs(project.id)]
+    return sorted(runs, key=lambda r: r.timestamp)
 
 
-def test_history_appends_whole_lines_and_skips_the_torn_line_of_a_killed_run(tmp_path):
-    path = tmp_path / "history.jsonl"
-    append_run(path, entry(0))
-    append_run(path, entry(1, DRIFT))
-    whole = path.read_bytes()
-    with open(path, "ab") as f:  # a run killed in the middle of its write
-        f.write(json.dumps(entry(2)).encode()[:40])
-    assert [e["verdict"] for e in load_history(path)] == [NO_DRIFT, DRIFT]
-    append_run(path, entry(3, CANNOT_JUDGE, reason="too few rows"))
-    runs = load_history(path)
-    assert [e["rows"] for e in runs] == [100, 101, 103], "the run after the torn line is kept whole"
-    assert runs[-1]["reason"] == "too few rows"
-    assert path.read_bytes().startswith(whole)
-    assert load_history(tmp_path / "none.jsonl") == []
-
-
-def test_concurrent_runs_never_interleave_their_lines(tmp_path):
-    path = tmp_path / "history.jsonl"
-    big = {"notes": "x" * 20_000}  # well past the size at which a pipe write may be split
-
-    def runs(k: int) -> None:
-        for i in range(50):
-            append_run(path, entry(i, reason=f"writer {k}", **big))
-
-    threads = [threading.Thread(target=runs, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    lines = path.read_bytes().splitlines()
-    assert len(lines) == 200 and len(load_history(path)) == 200
+def values(run) -> dict[str, float]:
+    """``ValueDrift:<column>`` and ``ImgclsFigure:<figure>`` of a snapshot, with their values."""
+    out = {}
+    for result in run.metric_results.values():
+        params = result.metric_value_location.metric.params
+        kind = params["type"].rsplit(":", 1)[1]
+        if kind in ("ValueDrift", "ImgclsFigure"):
+            out[f"{kind}:{params.get('column') or params.get('figure')}"] = result.value
+    return out
 
 
 @pytest.fixture(scope="module")
-def recorded(stored_model, tmp_path_factory) -> tuple[Path, list[dict]]:  # noqa: F811
+def recorded(stored_model, tmp_path_factory) -> tuple[Path, list]:  # noqa: F811
     """Four runs of the real job, each on the rows logged since the last: no drift, a brightness shift, too few
-    rows, no drift again. Returns the reports folder and the history."""
+    rows, no drift again. Returns the reports folder and the workspace's snapshots."""
     root = tmp_path_factory.mktemp("history")
     out = root / "reports"
     windows = [synthetic_rows(300, seed=30), synthetic_rows(300, seed=31, brightness_shift=0.12),
@@ -82,54 +66,90 @@ def recorded(stored_model, tmp_path_factory) -> tuple[Path, list[dict]]:  # noqa
         write_log(root / "log" / f"inference-{k}.jsonl", rows, stored_model, start=start)
         codes.append(main(["--log-dir", str(root / "log"), "--since", start.isoformat(), "--out", str(out)]))
     assert codes == [0, 1, 2, 0]
-    return out, load_history(out / "history.jsonl")
+    return out, workspace_runs(out / "workspace")
 
 
-def test_every_run_is_recorded_with_its_summary(recorded, stored_model):  # noqa: F811
+def test_every_run_is_in_the_evidently_workspace_with_its_verdict_and_figures(recorded, stored_model):  # noqa: F811
     out, runs = recorded
-    assert [r["verdict"] for r in runs] == [NO_DRIFT, DRIFT, CANNOT_JUDGE, NO_DRIFT]
-    assert [r["rows"] for r in runs] == [300, 300, 40, 300]
-    assert all(r["model"] == stored_model and r["variant"] == "int8" for r in runs)
-    shifted = {f["feature"]: f for f in runs[1]["features"]}
-    assert shifted["brightness"]["drifted"] and shifted["brightness"]["score"] < shifted["brightness"]["threshold"]
-    assert set(shifted) == {*STAT_FIELDS, "confidence", "ood_score", "label", "embedding"}
-    assert shifted["embedding"]["drifts_when"] == "AUC > thr"
-    assert "40 current rows" in runs[2]["reason"] and runs[2]["features"] == []
-    assert runs[1]["window"]["start"].startswith((T0 + timedelta(hours=1)).isoformat()[:19])
-    assert all(0 <= r["unfamiliar_share"] <= 1 for r in runs)
+    verdicts = [NO_DRIFT, DRIFT, CANNOT_JUDGE, NO_DRIFT]
+    assert [[t for t in r.tags if t in verdicts] for r in runs] == [[v] for v in verdicts]
+    assert all({"drift job", stored_model, stored_model.split(":")[0], "int8"} <= set(r.tags) for r in runs)
+    figures = [values(r) for r in runs]
+    assert [f["ImgclsFigure:rows"] for f in figures] == [300, 300, 40, 300]
+    judged = [figures[i] for i in (0, 1, 3)]
+    for f in judged:
+        assert {k.split(":")[1] for k in f if k.startswith("ValueDrift")} == {*STAT_FIELDS, "confidence", "ood_score",
+                                                                              "label"}  # fmt: skip
+        assert 0.5 <= f["ImgclsFigure:embedding_threshold"] < 1 and 0 <= f["ImgclsFigure:unfamiliar_share"] <= 1
+    shifted = figures[1]
+    assert shifted["ValueDrift:brightness"] < shifted["ImgclsFigure:column_threshold"]
+    assert "40 current rows" in runs[2].metadata["reason"]
     for r in runs:  # every run, the one that could not judge included, has a page of its own
-        assert (out / r["report"]).is_file() and r["report"].startswith("drift-")
+        assert Path(r.metadata["report"]).is_file() and Path(r.metadata["report"]).name.startswith("drift-")
 
 
-def test_trend_page_shows_every_run_and_feature_and_is_self_contained(recorded):
+def test_concurrent_runs_share_one_project(tmp_path):
+    def run(k: int) -> None:
+        for _ in range(3):
+            snapshot = tagged(cannot_judge_snapshot("drift", f"writer {k}", k), ["drift job"], {})
+            record(tmp_path, snapshot, ["brightness"])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(workspace_runs(tmp_path)) == 12
+
+
+def wait_for_json(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> t.Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return requests.get(url, timeout=5).json()
+        except (requests.RequestException, ValueError):
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer in {timeout} s: {log.read_text()[-3000:]}")
+
+
+def test_evidently_ui_charts_each_feature_and_the_verdicts_across_runs(recorded, tmp_path):
+    """Evidently's own UI, started as docs/drift.md says, serves the project's dashboard and its series."""
     out, runs = recorded
-    page = (out / "history.html").read_text()
-    charts = re.findall(r'<svg [^>]*aria-label="([^"]+)"', page)
-    assert charts == [*STAT_FIELDS, "confidence", "ood_score", "label", "embedding", "unfamiliar share"]
-    table = page[page.index("Runs, newest first") :]
-    assert table.count("<tr>") == 1 + len(runs)
-    for r in runs:
-        assert r["_time"].strftime("%Y-%m-%d %H:%M:%S") in table
-        assert f'href="{r["report"]}"' in table
-    assert "40 current rows" in table  # why the third run could not judge
-    brightness = page[page.index('aria-label="brightness"') : page.index('aria-label="contrast"')]
-    assert brightness.count('fill="#c62828"><title>') == 1, "the one drifted run is marked in red"
-    assert "Drifting since" not in page, "the latest judged run did not drift"
-    # Self-contained: nothing is fetched, so it opens from disk, in a mail or behind a firewall alike.
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
-    assert "<script" not in page and "<link" not in page and "url(" not in page
+    port = free_port()
+    env = {**os.environ, "DO_NOT_TRACK": "1"}
+    cmd = [str(Path(sys.executable).parent / "evidently"), "ui", "--workspace", str(out / "workspace"),
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with open(tmp_path / "ui.log", "wb") as log, subprocess.Popen(cmd, env=env, stdout=log, stderr=log) as ui:
+        try:
+            base = f"http://127.0.0.1:{port}"
+            projects = wait_for_json(base + "/api/projects", ui, tmp_path / "ui.log")
+            (project,) = [p for p in projects if p["name"] == DEFAULT_PROJECT]
+            board = requests.get(f"{base}/api/v2/dashboards/{project['id']}", timeout=10).json()
+            panels = {p["title"]: p for p in board["panels"]}
+            assert {*STAT_FIELDS, "confidence", "ood_score", "label", "Embeddings", "Unfamiliar share"} <= set(panels)
+            assert {tab["title"] for tab in board["tabs"]} == {"Drift", "Accuracy"}
 
+            def series(title: str) -> dict[str, list]:
+                """Each value of the panel by its legend, one entry per run the panel shows (None: none)."""
+                values = panels[title]["values"]
+                keys = ("tags", "metadata", "metric", "metric_labels")
+                filters = [{k: v.get(k, {}) for k in keys} for v in values]
+                data = requests.post(f"{base}/api/v2/snapshots/{project['id']}/data_series_batch", timeout=10,
+                                     json={"series_filter": filters}).json()  # fmt: skip
+                n = len(data["sources"])
+                return {values[s["filter_index"]]["legend"]: s["values"] + [None] * (n - len(s["values"]))
+                        for s in data["series"]}  # fmt: skip
 
-def test_trend_page_says_since_when_the_traffic_drifts(tmp_path):
-    path, page = tmp_path / "history.jsonl", tmp_path / "history.html"
-    for i, verdict in enumerate([NO_DRIFT, NO_DRIFT, DRIFT, CANNOT_JUDGE, DRIFT]):
-        record_run(path, entry(i, verdict), page)
-    text = page.read_text()
-    assert "Drifting since the run at 2025-01-01 02:00:00 UTC</b> (2 judged run(s) in a row" in text
-    assert "the last run without drift was at 2025-01-01 01:00:00 UTC" in text
-    assert main(["--out", str(tmp_path), "--history-only"]) == 0
-    assert page.read_text() == text
-    assert main(["--out", str(tmp_path / "empty"), "--history-only"]) == 2
+            brightness = series("brightness")
+            assert [p < t for p, t in zip(brightness["p-value"], brightness["drifts below"], strict=True)] == [
+                False, True, False]  # fmt: skip
+            verdict = series("Verdict: what moved in each run")
+            totals = [sum(v or 0 for v in run) for run in zip(*verdict.values(), strict=True)]
+            assert [t > 0 for t in totals] == [False, True, True, False], verdict
+            assert verdict["could not judge"][2] == 1 and verdict["columns that moved"][1] >= 1
+        finally:
+            ui.terminate()
 
 
 def test_banner_shows_the_verdict_in_colour_with_what_drifted_and_what_it_means(tmp_path):

@@ -10,19 +10,20 @@ import json
 import re
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from drift.__main__ import main
-from drift.history import load_history
 from drift.logread import LogError, read_log
 from drift.reference import load_reference
 from drift.report import DriftConfig, drift_report
 from drift.simulate import SOURCE, demo_images, simulate
 from imgcls.imagestats import STAT_FIELDS
 from imgcls.inference_log import thumbnail_files, thumbnail_name
+from tests.test_drift_pages import values, workspace_runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -121,7 +122,7 @@ def test_unfamiliar_images_are_flagged_and_familiar_ones_rarely(server, tiny_mod
 def test_history_shows_when_the_shift_started_and_the_report_shows_what_was_sent(server, tiny_model, tmp_path):
     """Healthy traffic, a run of the job, then pages of text and a second run, as a scheduled job would see them.
 
-    The trend page shows both runs, the second drifted; the second report shows the pages themselves, from the
+    The workspace holds both runs, the second drifted; the second report shows the pages themselves, from the
     thumbnails the service stored when it flagged them as unfamiliar.
     """
     out = tmp_path / "reports"
@@ -136,14 +137,11 @@ def test_history_shows_when_the_shift_started_and_the_report_shows_what_was_sent
         time.sleep(0.2)
     assert main([*job, start.isoformat()]) == 1
 
-    runs = load_history(out / "history.jsonl")
-    assert [r["verdict"] for r in runs] == ["no drift", "drift"] and [r["rows"] for r in runs] == [150, 150]
-    assert runs[1]["unfamiliar_share"] > 0.6 > runs[0]["unfamiliar_share"]
-    trend = (out / "history.html").read_text()
-    table = trend[trend.index("Runs, newest first") :]
-    assert table.count(">drift</span>") == 1 and table.count(">no drift</span>") == 1
-    assert table.index(">drift</span>") < table.index(">no drift</span>"), "newest first: the drifted run on top"
-    report = (out / runs[1]["report"]).read_text()
+    runs = workspace_runs(out / "workspace")
+    assert [[t for t in r.tags if t in ("drift", "no drift")] for r in runs] == [["no drift"], ["drift"]]
+    shares = [values(r)["ImgclsFigure:unfamiliar_share"] for r in runs]
+    assert [values(r)["ImgclsFigure:rows"] for r in runs] == [150, 150] and shares[1] > 0.6 > shares[0]
+    report = Path(runs[1].metadata["report"]).read_text()
     assert 'data-verdict="drift"' in report
     shown = re.findall(r'<img src="data:image/jpeg;base64,[^"]+" alt="request (\w+),', report)
     assert len(shown) == 8 and {thumbnail_name(r) for r in shown} <= flagged, shown

@@ -175,11 +175,13 @@ def push_accuracy_figures(pushgateway: str) -> None:
 def test_make_monitor_shows_every_dashboard_figure_under_load_and_stops_on_ctrl_c(server, tmp_path):
     """`monitoring/monitor.py` (what `make monitor` runs) against the real service, a short Locust load, then
     every dashboard query through Prometheus's HTTP API, the rules' health, and one alert end to end."""
-    prom_port, push_port = free_port(), free_port()
+    prom_port, push_port, evidently_port = free_port(), free_port(), free_port()
     base, pushgateway = f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{push_port}"
+    evidently = f"http://127.0.0.1:{evidently_port}"
     cmd = [sys.executable, "-m", "monitoring.monitor", "--service", server.url.removeprefix("http://"),
-           "--pushgateway", f"127.0.0.1:{push_port}", "--port", str(prom_port),
-           "--data-dir", str(tmp_path / "monitor"), "--scrape-interval", "1s"]  # fmt: skip
+           "--pushgateway", f"127.0.0.1:{push_port}", "--port", str(prom_port), "--evidently-port",
+           str(evidently_port), "--workspace", str(tmp_path / "workspace"), "--data-dir", str(tmp_path / "monitor"),
+           "--scrape-interval", "1s"]  # fmt: skip
     # A session of its own, as a terminal job has: should Ctrl+C not stop it, its group goes with its servers.
     printed: list[str] = []
     monitor = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -192,6 +194,7 @@ def test_make_monitor_shows_every_dashboard_figure_under_load_and_stops_on_ctrl_
                 break
         links = {line.split()[0]: line.split()[1] for line in printed if line.split()[:1] and line.split()[0] in PAGES}
         assert set(links) == set(PAGES) and all(answers(url) for url in links.values()), links  # no dead link
+        assert any(line.startswith(f"Evidently    {evidently}") for line in printed) and answers(evidently + "/")
         push_drift_figures(pushgateway)
         push_accuracy_figures(pushgateway)
         locust = subprocess.run(
@@ -234,8 +237,8 @@ def test_make_monitor_shows_every_dashboard_figure_under_load_and_stops_on_ctrl_
     out = "".join(printed) + out
     assert monitor.returncode == 0, out
     assert f"Prometheus   {base}" in out and f"Pushgateway  {pushgateway}  (started here" in out
-    assert "stopped prometheus-pushgateway, prometheus" in out
-    assert not answers(base + "/-/ready") and not answers(pushgateway + "/-/ready")
+    assert "stopped prometheus-pushgateway, prometheus, evidently" in out
+    assert not answers(base + "/-/ready") and not answers(pushgateway + "/-/ready") and not answers(evidently + "/")
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float) -> None:
