@@ -71,7 +71,7 @@ class Answerer:
         """One result per row of model output ``[N, classes + embedding]``; each is logged and counted."""
         n = len(self.labels)
         probs, embedding = rows[:, :n], rows[:, n:]
-        scores = self.detector.score(embedding, stats)
+        scores = self.detector.score(embedding, stats, probs)
         results = []
         for i, row in enumerate(probs):
             order = np.argsort(-row, kind="stable")[: min(top_k, n)]

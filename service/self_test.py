@@ -75,7 +75,8 @@ def check_stored_model(folder: str | Path, plan: Plan, settings: Settings) -> No
             f"{model.model_file.name} cannot run the test image as {folder}/preprocess.json prepares it: {exc}"
         ) from None
     detector = files.detectors[variant]
-    score = float(detector.score(rows[:, len(files.labels) :], [image_stats(pixels, size)])[0])
+    n = len(files.labels)
+    score = float(detector.score(rows[:, n:], [image_stats(pixels, size)], rows[:, :n])[0])
     check_outputs(rows, len(files.labels), score, str(model.model_file))
     log.info("model check passed in %.2fs: %s (%s)", time.perf_counter() - start, folder, variant)
 
@@ -95,5 +96,5 @@ async def classify_test_image(classifier: Classifier) -> None:
         await asyncio.sleep(0.5)
     answerer = classifier.answerer
     classes = len(answerer.labels)
-    score = float(answerer.detector.score(outcome.rows[:, classes:], [outcome.stats])[0])
+    score = float(answerer.detector.score(outcome.rows[:, classes:], [outcome.stats], outcome.rows[:, :classes])[0])
     check_outputs(np.asarray(outcome.rows), classes, score, "the model")

@@ -56,7 +56,8 @@ class FakeModel:
 def detector() -> OodDetector:
     rng = np.random.default_rng(0)
     train, heldout = rng.normal(size=(200, EMBEDDING)), rng.normal(size=(50, EMBEDDING))
-    return ood.fit(train, np.zeros((200, 0)), rng.integers(0, 3, 200), heldout, np.zeros((50, 0)), stats=())
+    alone = ood.CANDIDATES[0]  # the embedding alone: the fake model's statistics mean nothing
+    return ood.fit(train, np.zeros((200, 0)), rng.integers(0, 3, 200), heldout, np.zeros((50, 0)), candidate=alone)
 
 
 def classifier(tmp_path: Path, model: FakeModel, **options) -> Classifier:

@@ -48,21 +48,43 @@ def test_scores_survive_the_trip_through_json_and_bad_entries_are_refused():
         ood.OodDetector.from_dict({**detector.to_dict(), "method": "magic"})
 
 
-def test_distances_agree_with_their_definitions():
+@pytest.mark.parametrize("candidate", [ood.DEFAULT, ood.CANDIDATES[1]], ids=["statistics apart", "one distance"])
+def test_distances_agree_with_their_definitions(candidate):
     """ood.py computes the distances with folded matrices; here they are as the formulas read."""
     train_e, train_s, train_y = draw(800, 1)
-    detector = ood.fit(train_e, train_s, train_y, *draw(300, 2)[:2])
+    detector = ood.fit(train_e, train_s, train_y, *draw(300, 2)[:2], candidate=candidate)
     probe_e, probe_s, _ = draw(40, 3, shift=1.5)
-    z = (np.concatenate([probe_e, probe_s], axis=1) - detector.center) / detector.scale
+    joined = np.concatenate([probe_e, probe_s[:, : len(candidate.joint)]], axis=1)
+    z = (joined - detector.center) / detector.scale
     diff = z[:, None, :] - detector.class_means[None]
     mahalanobis = np.sqrt(np.einsum("ncd,de,nce->nc", diff, detector.precision, diff).min(axis=1))
     unit = probe_e / np.linalg.norm(probe_e, axis=1, keepdims=True)
     kth_similarity = -np.sort(-(unit @ detector.bank.T), axis=1)[:, detector.k - 1]
-    assert np.allclose(detector.parts(probe_e, probe_s), np.stack([mahalanobis, 1 - kth_similarity], 1), rtol=1e-9)
+    apart = np.zeros(len(probe_e))
+    if candidate.apart:  # Mahalanobis of the standardised statistics to their training mean
+        mean, std = train_s.mean(axis=0), train_s.std(axis=0)
+        train_z, probe_z = (train_s - mean) / std, (probe_s - mean) / std
+        precision = np.linalg.inv(np.cov(train_z, rowvar=False) + ood.SHRINKAGE * np.eye(train_s.shape[1]))
+        apart = np.sqrt(np.einsum("nd,de,ne->n", probe_z, precision, probe_z))
+    expected = np.stack([mahalanobis, 1 - kth_similarity, apart], 1)
+    assert np.allclose(detector.parts(probe_e, probe_s), expected, rtol=1e-8)
+    scaled = expected / [detector.mahalanobis_scale, detector.knn_scale, getattr(detector.apart, "part_scale", 1)]
+    combined = np.linalg.norm(scaled, axis=1) if candidate.combine == ood.NORM else scaled.max(axis=1)
+    assert np.allclose(detector.score(probe_e, probe_s), combined / detector.threshold, rtol=1e-8)
+
+
+def test_a_detector_stored_before_the_statistics_had_their_own_distance_scores_as_it_did():
+    """An ood.json of the earlier format (statistics joined to the embedding, no `apart`, the larger distance)."""
+    train_e, train_s, train_y = draw(500, 1)
+    old = ood.fit(train_e, train_s, train_y, *draw(200, 2)[:2], candidate=ood.CANDIDATES[1])
+    stored = {k: v for k, v in old.to_dict().items() if k not in ("apart", "combine")}
+    probe_e, probe_s, _ = draw(50, 3)
+    read = ood.OodDetector.from_dict(stored)
+    assert np.allclose(read.score(probe_e, probe_s), old.score(probe_e, probe_s), atol=1e-3)
 
 
 def test_rates_tool_scores_every_group_and_variant_of_a_stored_model(tiny_model, tmp_path, capsys):
-    """`python -m training.ood_rates` on the stored tiny model: the demo groups, a folder of one's own, JSON."""
+    """`python -m training.ood_rates` on the stored tiny model: every source, a folder of one's own, JSON."""
     from PIL import Image
 
     from training.ood_rates import main
@@ -73,14 +95,14 @@ def test_rates_tool_scores_every_group_and_variant_of_a_stored_model(tiny_model,
         Image.new("RGB", (64, 48), (40 * i, 90, 200)).save(folder / f"{i}.png")
     out = tmp_path / "rates.json"
     assert main(["--model", tiny_model, "--n", "12", "--images", str(folder), "--json", str(out)]) == 0
-    table = json.loads(out.read_text())
-    groups = [row["group"] for row in table["rows"]]
-    assert groups[:4] == ["new demo images (familiar)", "demo classes never trained on",
-                          "pages of text (document shift)", "crops of real photographs"]  # fmt: skip
-    assert groups[4] == f"images in {folder}" and table["rows"][4]["images"] == 12
-    for row in table["rows"]:
-        for variant in ("fp32", "int8"):
-            assert 0.0 <= row[variant]["share"] <= 1.0
-    assert table["rows"][2]["int8"]["share"] >= 0.9  # pages of text, even for the barely trained tiny model
-    assert "crops of real photographs" in capsys.readouterr().out
+    rows = {row["source"]: row for row in json.loads(out.read_text())["rows"]}
+    kinds = [row["kind"] for row in rows.values()]
+    assert kinds[:2] == ["familiar", "familiar"] and kinds[-1] == "yours"
+    assert {"photo", "text", "texture", "unseen", "transformed"} <= set(kinds)
+    assert rows[f"images in {folder}"]["images"] == 12
+    names = {c.name for c in ood.CANDIDATES}
+    for row in rows.values():
+        assert row["features"] in names and all(0.0 <= row[v] <= 1.0 for v in ("fp32", "fp16", "int8"))
+    assert rows["pages of text"]["int8"] >= 0.9  # even for the barely trained tiny model
+    assert "| photographs: scikit-image's samples | photo |" in capsys.readouterr().out
     assert main(["--model", "no-such-model:latest"]) == 2

@@ -41,8 +41,10 @@ def statistics(images: Images) -> np.ndarray:
     return np.array([[row[k] for k in STAT_FIELDS] for row in rows]).reshape(len(rows), len(STAT_FIELDS))
 
 
-def _ood_stats(stats: np.ndarray) -> np.ndarray:
-    return stats[:, [STAT_FIELDS.index(k) for k in ood.CONTENT_STATS]]
+def _detector_stats(stats: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """The columns the detector reads (``ood.DEFAULT.inputs``) of the images' statistics and answers."""
+    rows = [ood.features_of(dict(zip(STAT_FIELDS, row, strict=True)), p) for row, p in zip(stats, probs, strict=True)]
+    return np.array([[r[k] for k in ood.DEFAULT.inputs] for r in rows]).reshape(len(rows), len(ood.DEFAULT.inputs))
 
 
 def score_variant(
@@ -57,7 +59,7 @@ def score_variant(
     """Run one variant over train/val/test, fit its detector and build its reference (held-out: val + test)."""
     session = session_for(path, threads=threads)
     outputs = {name: predict(session, images.pixels) for name, images in splits.items()}
-    content = {name: _ood_stats(stats[name]) for name in splits}
+    content = {name: _detector_stats(stats[name], outputs[name][0]) for name in splits}
     detector = ood.fit(
         outputs["train"][1], content["train"], splits["train"].labels, outputs["val"][1], content["val"], seed=seed
     )
