@@ -10,6 +10,10 @@ The verdict: the accuracy **dropped** when even the upper end of its 95% Wilson 
 ``--max-drop`` below the test accuracy, so a handful of unlucky labels does not alarm. Labels are a sample that
 people chose to send (often the answers that looked wrong): read the figure as a lower bound when they do.
 Memory follows the labels, not the window: only the predictions that have a label are kept.
+
+``--export DIR`` turns the labelled images into a training folder instead (``DIR/<label>/<request id>.jpg``, as
+``python -m training --data DIR`` reads it), where the operator opted in to keeping images on the service
+(``IMGCLS_KEEP_IMAGES_BYTES``; off by default, when no user image is kept).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import html
 import json
 import logging
 import math
+import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,7 +52,15 @@ from drift.workspace import (
     run_tags,
     tagged,
 )
-from imgcls.inference_log import FEEDBACK, default_log_dir, log_files, parse_feedback, parse_record
+from imgcls.inference_log import (
+    FEEDBACK,
+    default_log_dir,
+    kept_files,
+    log_files,
+    parse_feedback,
+    parse_record,
+    thumbnail_name,
+)  # fmt: skip
 from imgcls.model_files import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -57,6 +71,7 @@ EXIT_CODES = f"""exit codes:
   {EXIT_DROPPED}  it dropped: even its 95% upper bound is more than --max-drop below the test accuracy
   {EXIT_CANNOT_JUDGE}  cannot judge: no log or labels, fewer than --min-labels, several models, no test metrics
   {EXIT_USAGE} the command line is wrong (nothing is judged, written or pushed)
+  with --export: {EXIT_OK} images were copied, {EXIT_CANNOT_JUDGE} none (no kept image, or no label in the window)
 """
 PREFIX, JOB = "imgcls_accuracy", "imgcls_accuracy"
 Z95 = 1.959964
@@ -125,8 +140,28 @@ def join(
                 predictions[record["model"]] = predictions.get(record["model"], 0) + 1
                 target = labels.get(record["request_id"])
                 if target is not None and (model is None or record["model"] == model):
-                    rows.append((record["model"], record["label"], target))
-    return pd.DataFrame(rows, columns=["model", "prediction", "target"]), predictions
+                    rows.append((record["model"], record["label"], target, record["request_id"]))
+    return pd.DataFrame(rows, columns=["model", "prediction", "target", "request_id"]), predictions
+
+
+def export(frame: pd.DataFrame, folder: Path, out: Path, corrected_only: bool) -> dict[str, int]:
+    """Copy the kept image of each labelled prediction to ``out/<label>/``; the images copied per label."""
+    kept = kept_files(folder)
+    if not kept:
+        raise LogError(f"no kept image under {folder}: the service keeps images only with IMGCLS_KEEP_IMAGES_BYTES "
+                       "set (off by default)")  # fmt: skip
+    if corrected_only:
+        frame = frame[frame["prediction"] != frame["target"]]
+    copied: dict[str, int] = {}
+    for target, request_id in zip(frame["target"], frame["request_id"], strict=True):
+        source = kept.get(thumbnail_name(request_id))
+        if source is None:  # pruned, or classified before images were kept
+            continue
+        label_dir = out / re.sub(r"[^\w. -]", "_", target).lstrip(".")
+        label_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, label_dir / source.name)
+        copied[target] = copied.get(target, 0) + 1
+    return copied
 
 
 def test_metrics(tag: str) -> tuple[float, dict]:
@@ -249,12 +284,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--project", default=DEFAULT_PROJECT, help="its project (default: %(default)s)")
     p.add_argument("--prom-file", type=Path, help="Prometheus text file (default: OUT/accuracy.prom)")
     p.add_argument("--pushgateway", metavar="URL", help="also push the figures to this Prometheus Pushgateway")
+    p.add_argument("--export", type=Path, metavar="DIR", help="instead of judging, copy the window's labelled "
+                   "images to DIR/<label>/, a training folder (needs images kept by the service)")  # fmt: skip
+    p.add_argument("--corrected-only", action="store_true", help="with --export: only the images whose label "
+                   "differs from the answer")  # fmt: skip
     args = p.parse_args(argv)
     try:
         since = parse_since(args.since) if args.since else None
     except LogError as exc:
         p.error(f"argument --since: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.export:
+        try:
+            frame, _ = join(args.log_dir, read_labels(args.log_dir), since, args.model)
+            copied = export(frame, args.log_dir, args.export, args.corrected_only)
+        except (LogError, OSError) as exc:
+            print(f"cannot export: {exc}", file=sys.stderr)
+            return EXIT_CANNOT_JUDGE
+        print(f"exported {sum(copied.values())} of {len(frame)} labelled images to {args.export}: "
+              + (", ".join(f"{k} {v}" for k, v in sorted(copied.items())) or "none kept"))  # fmt: skip
+        print(f"train on them: python -m training --data {args.export}")
+        return EXIT_OK if copied else EXIT_CANNOT_JUDGE
     result, model, reason, snapshot, labelled = None, args.model, "", None, 0
     try:
         labels = read_labels(args.log_dir)

@@ -44,6 +44,8 @@ INFERENCE, FEEDBACK = "inference", "feedback"
 FILE_PATTERN = re.compile(r"^(inference|feedback)-\d{8}T\d{6,12}-(\d+)\.jsonl$")
 THUMBNAIL_DIR = "unfamiliar"
 THUMBNAIL_SIDE = 96
+#: Where an operator who opted in keeps every classified image, as the model saw it (drift.accuracy --export).
+KEPT_DIR = "images"
 #: The writer looks for files past the size or age bound at least this often, not only when it opens a file.
 RETENTION_EVERY_S = 60.0
 
@@ -204,16 +206,27 @@ def thumbnail_files(folder: str | os.PathLike) -> dict[str, Path]:
     return {p.name: p for p in found}
 
 
-def thumbnail_jpeg(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> bytes:
-    """A small JPEG of a model-input array, for people to see what the model was sent."""
+def thumbnail_jpeg(pixels: np.ndarray, side: int = THUMBNAIL_SIDE, quality: int = 80) -> bytes:
+    """A JPEG of a model-input array, at most ``side`` square, for people to see what the model was sent."""
     from PIL import Image
 
     img = Image.fromarray(pixels)
     if max(img.size) > side:
         img = img.resize((side, side), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=80)
+    img.save(buf, "JPEG", quality=quality)
     return buf.getvalue()
+
+
+def kept_jpeg(pixels: np.ndarray) -> bytes:
+    """A kept image: the model-input array at full size, at a quality to train on."""
+    return thumbnail_jpeg(pixels, side=max(pixels.shape[:2]), quality=95)
+
+
+def kept_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """The kept images by file name (:func:`thumbnail_name`), under ``folder`` and its per-pod subfolders."""
+    folder = Path(folder)
+    return {p.name: p for p in (*folder.glob(f"{KEPT_DIR}/*.jpg"), *folder.glob(f"*/{KEPT_DIR}/*.jpg"))}
 
 
 class InferenceLogWriter:
@@ -234,6 +247,9 @@ class InferenceLogWriter:
     most ``thumbnails_per_s`` a second (the first ones; the records of the others are written as usual): a sample
     to look at, where one per unfamiliar image would cost a JPEG encode and a file per request, and hold their
     pixels in memory while the disk stalls.
+    With ``kept_image_bytes`` (0, off, by default) every image whose record is written is kept too, as the model saw
+    it, in ``KEPT_DIR`` within that budget: the operator's opt-in to turning labelled production images into a
+    training folder. Thumbnails and kept images older than ``max_age_s`` are deleted with the records.
     ``on_error`` counts failed writes and ``on_drop(n)`` records lost, queue full or write failed (the service's
     metrics).
     """
@@ -246,6 +262,7 @@ class InferenceLogWriter:
         max_age_s: float = 0.0,
         thumbnail_bytes: int = 32 << 20,
         thumbnails_per_s: float = 2.0,
+        kept_image_bytes: int = 0,
         flush_interval: float = 1.0,
         max_queue: int = 100_000,
         fsync: bool = True,
@@ -256,17 +273,20 @@ class InferenceLogWriter:
         self.folder, self.kind = ensure_writable(folder), kind
         self.max_bytes, self.max_total_bytes, self.max_age_s = max_bytes, max_total_bytes, max_age_s
         self.thumbnail_bytes, self.thumbnails_per_s = thumbnail_bytes, thumbnails_per_s
+        self.kept_image_bytes = kept_image_bytes
         # A bucket that holds a second's thumbnails (at least one, none at all when the rate is 0).
         self._thumbnail_burst = max(1.0, thumbnails_per_s) if thumbnails_per_s > 0 else 0.0
         self._thumbnail_tokens, self._tokens_at = self._thumbnail_burst, _time.monotonic()
         self.flush_interval, self.max_queue, self.fsync = flush_interval, max_queue, fsync
         self.on_error, self.on_drop = on_error or (lambda: None), on_drop or (lambda n: None)
-        self._last_prune = self._last_retention = float("-inf")
+        self._last_prune: dict[str, float] = {}  # per image folder
+        self._last_retention = float("-inf")
         self._opened_at = float("-inf")
         self.rotate_s = min(max_age_s / 10, 3600.0) if max_age_s else float("inf")
         self.dropped = 0  # records refused because the queue was full (disk stalled); logged
         self.lost = 0  # records whose write failed; logged
-        self._queue: queue.SimpleQueue[tuple[bytes, tuple[str, np.ndarray] | None]] = queue.SimpleQueue()
+        Item = tuple[str, np.ndarray]  # (request id, pixels)
+        self._queue: queue.SimpleQueue[tuple[bytes, Item | None, Item | None]] = queue.SimpleQueue()
         self._fd: int | None = None
         self._size = 0
         self.path: Path | None = None
@@ -275,8 +295,11 @@ class InferenceLogWriter:
         self._thread.start()
         atexit.register(self.close)
 
-    def write(self, record: Mapping[str, Any], thumbnail: np.ndarray | None = None) -> None:
-        """Queue one record (and a thumbnail of ``thumbnail`` pixels); never blocks the caller on disk."""
+    def write(
+        self, record: Mapping[str, Any], thumbnail: np.ndarray | None = None, image: np.ndarray | None = None
+    ) -> None:
+        """Queue one record, a thumbnail of ``thumbnail`` pixels and, when images are kept, ``image``; never
+        blocks the caller on disk."""
         if self._queue.qsize() >= self.max_queue:
             self.dropped += 1
             self.on_drop(1)
@@ -285,7 +308,9 @@ class InferenceLogWriter:
             return
         if thumbnail is not None and not self._take_thumbnail_token():
             thumbnail = None
-        self._queue.put((encode(record), None if thumbnail is None else (str(record["request_id"]), thumbnail)))
+        request_id = str(record["request_id"])
+        kept = (request_id, image) if image is not None and self.kept_image_bytes else None
+        self._queue.put((encode(record), None if thumbnail is None else (request_id, thumbnail), kept))
 
     def _take_thumbnail_token(self) -> bool:
         """Whether a thumbnail may be saved now: a bucket of ``thumbnails_per_s`` tokens refilled continuously."""
@@ -316,15 +341,17 @@ class InferenceLogWriter:
                 self._enforce_retention()
 
     def _drain(self) -> None:
-        lines, thumbnails = [], []
+        lines, thumbnails, kept = [], [], []
         while True:
             try:
-                line, thumb = self._queue.get_nowait()
+                line, thumb, image = self._queue.get_nowait()
             except queue.Empty:
                 break
             lines.append(line)
             if thumb is not None:
                 thumbnails.append(thumb)
+            if image is not None:
+                kept.append(image)
         if not lines:
             return
         try:
@@ -336,7 +363,9 @@ class InferenceLogWriter:
             log.error("inference log: writing %d records to %s failed (%s); %d lost so far", len(lines),
                       self.folder, exc, self.lost)  # fmt: skip
         if thumbnails:
-            self._write_thumbnails(thumbnails)
+            self._save_images(THUMBNAIL_DIR, thumbnails, thumbnail_jpeg, self.thumbnail_bytes)
+        if kept:
+            self._save_images(KEPT_DIR, kept, kept_jpeg, self.kept_image_bytes)
 
     def _write_lines(self, data: bytes) -> None:
         if self._fd is None or self._size >= self.max_bytes or _time.monotonic() - self._opened_at > self.rotate_s:
@@ -399,24 +428,26 @@ class InferenceLogWriter:
                 pass
             total -= st.st_size
 
-    def _write_thumbnails(self, thumbnails: list[tuple[str, np.ndarray]]) -> None:
-        folder = self.folder / THUMBNAIL_DIR
+    def _save_images(
+        self, name: str, images: list[tuple[str, np.ndarray]], jpeg: Callable[[np.ndarray], bytes], budget: int
+    ) -> None:
+        folder = self.folder / name
         try:
             folder.mkdir(exist_ok=True)
-            for request_id, pixels in thumbnails:
+            for request_id, pixels in images:
                 path = folder / thumbnail_name(request_id)
                 partial = path.with_suffix(".partial")  # renamed once whole: a full disk leaves no empty image
                 try:
-                    partial.write_bytes(thumbnail_jpeg(pixels))
+                    partial.write_bytes(jpeg(pixels))
                     partial.rename(path)
                 finally:
                     partial.unlink(missing_ok=True)
         except OSError as exc:
-            log.error("inference log: saving thumbnails in %s failed (%s)", folder, exc)
+            log.error("inference log: saving images in %s failed (%s)", folder, exc)
             return
-        if _time.monotonic() - self._last_prune > 60:  # a scan per minute, not per flush
-            self._last_prune = _time.monotonic()
-            prune_oldest(folder, "*.jpg", self.thumbnail_bytes)
+        if _time.monotonic() - self._last_prune.get(name, float("-inf")) > 60:  # a scan per minute, not per flush
+            self._last_prune[name] = _time.monotonic()
+            prune_oldest(folder, "*.jpg", budget, self.max_age_s)
 
 
 def _running(pid: int) -> bool:
@@ -430,16 +461,17 @@ def _running(pid: int) -> bool:
     return True
 
 
-def prune_oldest(folder: Path, pattern: str, budget: int) -> None:
-    """Delete the oldest files matching ``pattern`` until the rest fit in ``budget`` bytes."""
+def prune_oldest(folder: Path, pattern: str, budget: int, max_age_s: float = 0.0) -> None:
+    """Delete the oldest files matching ``pattern`` until the rest fit in ``budget`` bytes, and any older than
+    ``max_age_s`` (0: no age limit)."""
     stats = []
     for p in folder.glob(pattern):
         try:
             stats.append((p.stat().st_mtime, p.stat().st_size, p))
         except FileNotFoundError:  # another worker pruned it
             continue
-    used = 0
-    for _, size, p in sorted(stats, reverse=True):
+    used, oldest = 0, _time.time() - max_age_s if max_age_s else float("-inf")
+    for mtime, size, p in sorted(stats, reverse=True):
         used += size
-        if used > budget:
+        if used > budget or mtime < oldest:
             p.unlink(missing_ok=True)

@@ -89,7 +89,7 @@ class Answerer:
                 request_ids[i], self.tag, self.variant, label, score, ood, unfamiliar, stats[i],
                 embedding[i], source,
             )  # fmt: skip
-            self.inference_log.write(record, thumbnail=pixels[i] if unfamiliar else None)
+            self.inference_log.write(record, thumbnail=pixels[i] if unfamiliar else None, image=pixels[i])
             results.append(
                 {"label": label, "score": score, "top_k": top, "unfamiliar": unfamiliar, "ood_score": round(ood, 3)}
             )

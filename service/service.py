@@ -170,6 +170,7 @@ class ImageClassifier:
                 max_age_s=SETTINGS.log_max_age_days * 86400,
                 thumbnail_bytes=SETTINGS.thumbnail_bytes,
                 thumbnails_per_s=SETTINGS.thumbnails_per_s,
+                kept_image_bytes=SETTINGS.keep_images_bytes if kind == INFERENCE else 0,
                 on_error=recorded.log_write_errors.inc,
                 on_drop=recorded.log_dropped.inc,
                 kind=kind,

@@ -99,6 +99,12 @@ class Settings:
         "image of a user is ever kept",
         0.0,
     )
+    keep_images_bytes: int = _help(
+        "keep every classified image, as the model saw it, in <log dir>/images within this many bytes per API "
+        "worker, so that labelled ones can become a training folder (python -m drift.accuracy --export); 0: off, "
+        "no user image is kept",
+        0,
+    )
     access_log: bool = _help(
         "BentoML's per-request log line in the API workers (off: the metrics and the inference log cover every "
         "request, and the line costs CPU on each one)",
@@ -153,7 +159,7 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"IMGCLS_{name.upper()} must be positive.")
         non_negative = ("keepalive_requests", "workers", "ort_threads", "lone_threads", "log_max_total_bytes",
-                        "log_max_age_days", "drain_s", "thumbnails_per_s")  # fmt: skip
+                        "log_max_age_days", "drain_s", "thumbnails_per_s", "keep_images_bytes")  # fmt: skip
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise SettingsError(f"IMGCLS_{name.upper()} must be 0 or positive.")

@@ -12,7 +12,7 @@ import requests
 
 from imgcls.demo_images import CLASSES, DemoParams, render
 from imgcls.inference_log import FEEDBACK, log_files, parse_feedback
-from tests.helpers import ROOT, assert_error, jpeg
+from tests.helpers import ROOT, assert_error, jpeg, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -76,3 +76,36 @@ def test_the_accuracy_job_joins_labels_to_predictions(server, tmp_path):
     assert few.returncode == 2 and "at least 10000 are needed" in few.stderr
     usage = subprocess.run([*cmd[:-4], "--since", "yesterday"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert usage.returncode == 64
+
+
+def test_kept_images_with_their_labels_become_a_training_folder_only_where_the_operator_opted_in(
+    server, tiny_model, tmp_path
+):
+    """IMGCLS_KEEP_IMAGES_BYTES on a second server: the labelled images go to DIR/<label>/, which training reads.
+    The shared server keeps its default (no user image kept): its log folder has no images and export says why."""
+    kept = start_server(".", {"IMGCLS_MODEL": tiny_model, "IMGCLS_DEVICE": "cpu",
+                              "IMGCLS_KEEP_IMAGES_BYTES": str(16 << 20)}, tmp_path / "kept")  # fmt: skip
+    try:
+        labels = requests.get(kept.url + "/info", timeout=10).json()["labels"]
+        items, n = [], 3 * len(labels)  # three a class: training needs one for each split
+        for i in range(n):
+            image = render(CLASSES.index(labels[i % len(labels)]), 6000 + i, DemoParams(image_size=160))
+            answer = requests.post(kept.url + "/classify", files={"image": ("s.jpg", image)}, timeout=30).json()
+            items.append({"request_id": answer["request_id"], "label": labels[i % len(labels)]})
+        assert feedback(kept, {"items": items}).json() == {"recorded": n}
+        time.sleep(2)  # the writer flushes once a second
+    finally:
+        kept.stop()
+    out = tmp_path / "folder"
+    cmd = [sys.executable, "-m", "drift.accuracy", "--log-dir", str(kept.log_dir), "--export", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and f"exported {n} of {n} labelled images" in proc.stdout, proc.stdout + proc.stderr
+    from training.dataset import discover
+
+    classes, splits = discover(out)
+    assert classes == sorted(labels) and sum(len(s.paths) for s in splits.values()) == n
+
+    assert not (server.log_dir / "images").exists()  # the default: no user image kept
+    none = subprocess.run([*cmd[:3], "--log-dir", str(server.log_dir), "--export", str(tmp_path / "none")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert none.returncode == 2 and "IMGCLS_KEEP_IMAGES_BYTES" in none.stderr

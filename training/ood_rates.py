@@ -3,15 +3,15 @@ so that no source counts in a figure it helped to choose.
 
     python -m training.ood_rates [--model TAG] [--n 300] [--images DIR] [--json FILE]
 
-The detector's designs are fitted afresh on the model's own training and validation images (the stored
-``ood.json`` is the one design training chose). Every image goes through the service's own path (``imgcls.preprocess``, ``imgcls.imagestats``, the variant's ONNX
-file, ``imgcls.ood``). The detector stays unsupervised: it is fitted on the training images and its threshold set
-on the validation images, with no foreign image. What foreign images may choose is the detector's design, which
-features it reads and how its distances combine (:data:`imgcls.ood.CANDIDATES`); so for each foreign source the
-design is chosen on the *other* sources (leave one source out: among the designs that flag at most 2% of the
-familiar images in every variant, the one whose worst photograph, text or texture source is flagged most, ties
-broken by the demo images near the training ones), and that source's figure is the one it gets under that choice.
-Every source is made or shipped offline:
+The detector's designs are fitted afresh on the model's own training and validation images (the stored ``ood.json``
+is the one design training chose). Every image goes through the service's own path (``imgcls.preprocess``,
+``imgcls.imagestats``, the variant's ONNX file, ``imgcls.ood``). The detector stays unsupervised: it is fitted on
+the training images and its threshold set on the validation images, with no foreign image. What foreign images may
+choose is the detector's design, which features it reads and how its distances combine
+(:data:`imgcls.ood.CANDIDATES`); so for each foreign source the design is chosen on the *other* sources (leave one
+source out: among the designs that flag at most 2% of the familiar images in every variant, the one whose worst
+photograph, text or texture source is flagged most, ties broken by the demo images near the training ones), and that
+source's figure is the one it gets under that choice. Every source is made or shipped offline:
 
 - familiar: new demo images of the trained classes, and the same at three times their size (a detector must not
   flag a familiar image for its size);
