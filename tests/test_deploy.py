@@ -8,8 +8,8 @@
 - ``container`` (podman and root): ``podman kube play`` of the rendered CPU Deployment with the image from
   ``container/build.sh``, and of the drift CronJob's pod with the jobs image against that pod's log, pushing to a
   real Pushgateway; and of the Locust master and worker Deployments against a running service. Test-only changes
-  to the manifests are made in :func:`kube_play_deployment`, :func:`kube_play_cronjob` and
-  :func:`kube_play_locust`, each with its reason.
+  to the manifests are made in :func:`tools.kube_play.local_deployment` (the user's command plays the same),
+  :func:`kube_play_cronjob` and :func:`kube_play_locust`, each with its reason.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from loadtest.servers import free_port
 from monitoring import prometheusrule
 from service.settings import Settings
 from tests.helpers import ROOT, in_container, jpeg, podman
+from tools.kube_play import local_deployment
 
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("cpu", "gpu")
@@ -322,30 +323,6 @@ def test_adapter_query_gives_one_value_per_pod_that_rises_with_load(server, tmp_
 # ------------------------------------------------------------------------------------------ podman kube play
 
 
-def kube_play_deployment(image: str, port: int, log_root: Path) -> tuple[list[dict], str]:
-    """The rendered CPU overlay's ConfigMap and Deployment, changed only where this machine differs from a cluster.
-
-    Returns the objects and the name podman gives the pod.
-    """
-    objects = [json.loads(json.dumps(o)) for o in render("cpu") if o["kind"] in ("ConfigMap", "Deployment")]
-    deployment = next(o for o in objects if o["kind"] == "Deployment")
-    deployment["spec"]["replicas"] = 1  # no HPA here
-    pod_name = f"{deployment['metadata']['name']}-pod-0"  # podman's name for the Deployment's first pod
-    box = container(deployment)
-    box["image"] = image  # the image built here, not the placeholder tag
-    box["ports"][0].update(hostIP="127.0.0.1", hostPort=port)  # no Service here: reach the pod on the host
-    for env in box["env"]:
-        # Kubernetes expands $(POD_NAME) from the variable defined before it; podman 4.3 sets POD_NAME but leaves
-        # the reference as it is, so do the expansion here (the test checks POD_NAME inside the pod is that name).
-        if "value" in env:
-            env["value"] = env["value"].replace("$(POD_NAME)", pod_name)
-    for volume in deployment["spec"]["template"]["spec"]["volumes"]:
-        if "persistentVolumeClaim" in volume:  # the shared volume: a host folder owned by the service's user
-            del volume["persistentVolumeClaim"]
-            volume["hostPath"] = {"path": str(log_root), "type": "Directory"}
-    return objects, pod_name
-
-
 def kube_play_cronjob(service_image: str, jobs_image: str, claims: dict[str, Path], pushgateway: str) -> list[dict]:
     """The drift CronJob's pod as a bare Pod (podman runs no CronJobs), with its ConfigMap; ``claims`` maps each
     PersistentVolumeClaim it mounts to a host folder."""
@@ -396,7 +373,7 @@ def played_pod(cpu_image, tmp_path_factory):
     log_root.mkdir()
     os.chown(log_root, 1034, 1034)  # a fresh RWX volume's root, as fsGroup would make it
     port = free_port()
-    objects, pod_name = kube_play_deployment(f"localhost/{cpu_image}", port, log_root)
+    objects, pod_name = local_deployment(f"localhost/{cpu_image}", port, log_root)  # what a user plays too
     manifest = root / "deployment.yaml"
     manifest.write_text(yaml.safe_dump_all(objects))
     url = f"http://127.0.0.1:{port}"
