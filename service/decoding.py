@@ -81,11 +81,11 @@ def decode_bytes(data: bytes, spec: PreprocessSpec, limits: DecodeLimits) -> Dec
     return decode(probe(data, spec, limits), spec)
 
 
-def _lane_main(conn: t.Any, spec: PreprocessSpec, limits: DecodeLimits) -> None:
+def _lane_main(conn: t.Any, spec: PreprocessSpec, limits: DecodeLimits, worker: int) -> None:
     """The slow lane's process: decode what comes down ``conn`` until it closes; runs only on idle CPU."""
     from service.lifecycle import die_with_parent
 
-    die_with_parent()
+    die_with_parent(worker)
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
@@ -122,7 +122,8 @@ class SlowLane:
         # spawn, not fork: the worker runs threads (onnxruntime's, the log writer's) that a fork would copy mid-step
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        self._process = context.Process(target=_lane_main, args=(child, self.spec, self.limits), daemon=True)
+        args = (child, self.spec, self.limits, os.getpid())
+        self._process = context.Process(target=_lane_main, args=args, daemon=True)
         self._process.start()
         child.close()
         self._conn = parent

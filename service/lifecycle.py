@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Where the supervisor tells its workers to leave the reason they cannot serve.
 FAILURE_FILE = "IMGCLS_START_FAILURE_FILE"
+#: The supervisor's pid, for its workers (in a container the supervisor is pid 1, so "my parent is 1" proves nothing).
+SUPERVISOR_PID = "IMGCLS_SUPERVISOR_PID"
 #: Exit status of ``bentoml serve`` when a worker found it cannot serve.
 CANNOT_SERVE = 3
 PR_SET_PDEATHSIG = 1
@@ -42,6 +44,7 @@ def report_start_failure_on_exit() -> None:
     fd, path = tempfile.mkstemp(prefix="imgcls-start-failure-")
     os.close(fd)
     os.environ[FAILURE_FILE] = path  # the workers copy the supervisor's environment
+    os.environ[SUPERVISOR_PID] = str(os.getpid())
 
     def report() -> None:
         try:
@@ -57,9 +60,12 @@ def report_start_failure_on_exit() -> None:
 
 
 def die_with_parent(parent: int | None = None) -> None:
-    """This process gets SIGTERM when ``parent`` (default: its parent now) dies; it exits now if that is gone."""
-    parent = parent or os.getppid()
-    if parent == 1:
+    """This process gets SIGTERM when ``parent`` dies; it exits now if that is gone already.
+
+    ``parent`` defaults to the supervisor named in the environment, else to this process's parent now.
+    """
+    parent = parent or int(os.environ.get(SUPERVISOR_PID) or 0) or os.getppid()
+    if os.getppid() != parent:
         sys.exit("imgcls: the process that started this one is gone; not starting")
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -256,11 +257,11 @@ def test_latency_after_a_burst_is_back_to_idle_within_five_seconds(server):
 
 
 def test_keep_alive_clients_stay_spread_over_the_workers(tiny_model, tmp_path):
-    """The kernel hands a new connection to whichever worker's loop is awake, most often the busy one: without
-    service/balance.py 8 clients that reconnect now and then drifted from 4+4 to 0+8 within 20 s, one worker
-    queueing while the other idled. Here they reconnect every 50 requests, about twice a second; measured without
-    the census, 3 of 14 samples were 2+6, with it none was further apart than 3+5."""
-    env = {"IMGCLS_MODEL": tiny_model, "IMGCLS_DEVICE": "cpu", "IMGCLS_KEEPALIVE_REQUESTS": "50"}
+    """The kernel hands a new connection to whichever worker's loop is awake, often the busy one, and a keep-alive
+    connection then stays where it landed: without the census (service/adaptations.py) 8 clients that connect at
+    once and never reconnect stayed 2+6 or 3+5 as often as 4+4, for the whole run. With it, the crowded worker
+    closes one connection at a time until the client's reconnect lands on the other."""
+    env = {"IMGCLS_MODEL": tiny_model, "IMGCLS_DEVICE": "cpu", "IMGCLS_KEEPALIVE_REQUESTS": "0"}
     srv = start_server(".", env, tmp_path)
     try:
         port = int(srv.url.rsplit(":", 1)[1])
@@ -281,8 +282,8 @@ def test_keep_alive_clients_stay_spread_over_the_workers(tiny_model, tmp_path):
         srv.stop()
     print(f"8 keep-alive clients, connections per worker once a second: {splits}; {result['rps']:.0f} req/s")
     assert set(result["statuses"]) == {200}
-    uneven = [split for split in splits if split[-1] - split[0] > 2]
-    assert len(uneven) <= 1, f"connections piled onto one worker: {splits}"
+    uneven = [split for split in splits if split[-1] - split[0] > 1]
+    assert len(uneven) <= 2, f"connections stayed piled onto one worker: {splits}"
 
 
 def test_a_killed_worker_is_replaced_and_loses_at_most_its_last_second(server):
@@ -423,10 +424,12 @@ def test_schemathesis_finds_no_server_error_in_the_documented_api(server, tmp_pa
            "--include-method", "POST", "--suppress-health-check", "all", "--generation-deterministic"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
-    generated = [line for line in out.splitlines() if " generated" in line]
-    print(generated)
-    assert proc.returncode == 0 and "No issues found" in out, out[-4000:]
-    assert generated and int(generated[0].split()[0]) >= 1000, out[-2000:]
+    counts = re.search(r"(\d+) generated, (\d+) passed", out)
+    print(counts and counts.group(0))
+    # exit 0 with every case passed; warnings (such as /feedback refusing most generated request ids, which only
+    # this service can issue) are not failures
+    assert proc.returncode == 0 and counts and counts.group(1) == counts.group(2), out[-4000:]
+    assert int(counts.group(1)) >= 1000, out[-2000:]
 
 
 def sender(url: str, data: bytes, seconds: float, path: str = "/classify", field: str = "image",
