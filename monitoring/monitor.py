@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_until(pushgateway_url + "/-/ready", procs[-1], log_file)
             pushgateway_note = f"started here, log {log_file}"
 
-        log_file = args.data_dir / "prometheus.log"
+        prometheus_log = log_file = args.data_dir / "prometheus.log"
         cmd = [prometheus, f"--config.file={config}", f"--storage.tsdb.path={args.data_dir / 'prometheus'}",
                f"--web.listen-address=127.0.0.1:{args.port}"]  # fmt: skip
         procs.append(start(cmd, log_file))
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         service_note = "answering" if answers(f"http://{args.service}/metrics") else "not answering yet (make serve)"
         pages = "".join(f"  {name:<10} {url}\n" for name, url in page_links(base).items())
         print(
-            f"Prometheus   {base}  (log {log_file})\n{pages}"
+            f"Prometheus   {base}  (log {prometheus_log})\n{pages}"
             f"Service      http://{args.service}/metrics  ({service_note})\n"
             f"Pushgateway  {pushgateway_url}  ({pushgateway_note})\n"
             f"  drift job  python -m drift --pushgateway {pushgateway_url}\n"

@@ -236,7 +236,8 @@ def test_make_monitor_shows_every_dashboard_figure_under_load_and_stops_on_ctrl_
             out, _ = monitor.communicate()
     out = "".join(printed) + out
     assert monitor.returncode == 0, out
-    assert f"Prometheus   {base}" in out and f"Pushgateway  {pushgateway}  (started here" in out
+    assert f"Prometheus   {base}  (log {tmp_path / 'monitor' / 'prometheus.log'})" in out, out
+    assert f"Pushgateway  {pushgateway}  (started here" in out
     assert "stopped prometheus-pushgateway, prometheus, evidently" in out
     assert not answers(base + "/-/ready") and not answers(pushgateway + "/-/ready") and not answers(evidently + "/")
 
