@@ -7,6 +7,8 @@
 - **A worker that cannot serve** (its start-up self-test failed) writes why to a file the supervisor named
   (:func:`report_start_failure_on_exit`) and stops it (:func:`stop_server`); the supervisor prints the reason and
   exits with status 3, where a plain SIGTERM would have ended ``bentoml serve`` with 0.
+- **Logging**: BentoML's worker logging lets only warnings through from other loggers; :func:`show_info_logs`
+  lets this project's INFO lines through.
 - **Draining**: on SIGTERM uvicorn stops at once. :func:`drain_on_sigterm` first reports the worker not ready for
   a few seconds while it keeps serving, then hands the signal to uvicorn, which finishes the requests in flight and
   runs the shutdown hooks (the inference log is flushed there). A second signal stops at once.
@@ -117,3 +119,12 @@ def drain_on_sigterm(seconds: float, on_drain: t.Callable[[], None]) -> None:
 
     for sig in handlers:
         signal.signal(sig, handle)
+
+
+def show_info_logs() -> None:
+    """Let this package's INFO lines through: BentoML's worker logging passes only warnings from other loggers."""
+    for name in ("service", "imgcls"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    for name, logger in logging.root.manager.loggerDict.items():
+        if name.split(".")[0] in ("service", "imgcls") and isinstance(logger, logging.Logger):
+            logger.disabled = False

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import time
 import typing as t
 from pathlib import Path
 
+import bentoml
 import numpy as np
 from PIL import Image
 
@@ -98,3 +100,15 @@ async def classify_test_image(classifier: Classifier) -> None:
     classes = len(answerer.labels)
     score = float(answerer.detector.score(outcome.rows[:, classes:], [outcome.stats], outcome.rows[:, :classes])[0])
     check_outputs(np.asarray(outcome.rows), classes, score, "the model")
+
+
+def stored_model(tag: bentoml.Tag | str) -> bentoml.Model:
+    """The stored model of ``tag``, with a clear message when it is not in the store."""
+    try:
+        return bentoml.models.get(tag)
+    except bentoml.exceptions.NotFound:
+        home = os.environ.get("BENTOML_HOME", "~/bentoml")
+        raise ModelFilesError(
+            f"Model {tag} is not in the BentoML model store (BENTOML_HOME={home}; see `bentoml models list`). "
+            "Train and store one with `make train`, or set IMGCLS_MODEL to a stored tag."
+        ) from None

@@ -57,27 +57,6 @@ REQUEST_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0
 SHARED_MODEL_EXTRA_DRAIN_S = 5.0
 
 
-def show_info_logs() -> None:
-    """Let this package's INFO lines through: BentoML's worker logging passes only warnings from other loggers."""
-    for name in ("service", "imgcls"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    for name, logger in logging.root.manager.loggerDict.items():
-        if name.split(".")[0] in ("service", "imgcls") and isinstance(logger, logging.Logger):
-            logger.disabled = False
-
-
-def stored_model(tag: bentoml.Tag | str) -> bentoml.Model:
-    """The stored model of ``tag``, with a clear message when it is not in the store."""
-    try:
-        return bentoml.models.get(tag)
-    except bentoml.exceptions.NotFound:
-        home = os.environ.get("BENTOML_HOME", "~/bentoml")
-        raise ModelFilesError(
-            f"Model {tag} is not in the BentoML model store (BENTOML_HOME={home}; see `bentoml models list`). "
-            "Train and store one with `make train`, or set IMGCLS_MODEL to a stored tag."
-        ) from None
-
-
 @bentoml.service(
     name="shared_model",
     workers=1,
@@ -98,12 +77,12 @@ class SharedModel:
     model_ref = bentoml.models.BentoModel(SETTINGS.model)
 
     def __init__(self) -> None:
-        show_info_logs()
+        lifecycle.show_info_logs()
         self.batcher: Batcher | None = None
         if not PLAN.shared_model:
             log.info("idle: IMGCLS_PLACEMENT=%s runs the model in the API workers", SETTINGS.placement)
             return
-        stored = stored_model(self.model_ref.tag)
+        stored = self_test.stored_model(self.model_ref.tag)
         model = session.open_served(open_model(stored.path), str(stored.tag), PLAN, SETTINGS, strict_device=True)
         self.batcher = Batcher(model.infer, PLAN.max_batch_size, max_wait_s=SETTINGS.max_latency_ms / 1000)
         self.threads = FairPool(2, "model")  # one runs a batch while the other queues what arrives meanwhile
@@ -145,9 +124,9 @@ class ImageClassifier:
     def check_model() -> None:
         """Once, in the supervisor, before any worker starts: pin ``:latest`` to one version and refuse a model that
         cannot be served, so a model saved while the workers start cannot split them across versions."""
-        show_info_logs()
+        lifecycle.show_info_logs()
         try:
-            stored = stored_model(SETTINGS.model)
+            stored = self_test.stored_model(SETTINGS.model)
             os.environ["IMGCLS_MODEL"] = str(stored.tag)  # the workers copy the supervisor's environment
             self_test.check_stored_model(stored.path, PLAN, SETTINGS)
             ensure_writable(SETTINGS.inference_log_dir)
@@ -157,8 +136,8 @@ class ImageClassifier:
             sys.exit(f"imgcls: cannot serve: {exc}")
 
     def __init__(self) -> None:
-        show_info_logs()
-        stored = stored_model(self.model_ref.tag)
+        lifecycle.show_info_logs()
+        stored = self_test.stored_model(self.model_ref.tag)
         self.tag = str(stored.tag)
         files = open_model(stored.path)
         recorded = metrics.get()
@@ -214,7 +193,7 @@ class ImageClassifier:
             return
         # What start-up created (imports, the model) lives as long as the process: out of the collector's scans.
         # A request's objects live until it is answered: collecting the youngest generation every few hundred
-        # allocations would scan them several times per request (docs/benchmarks.md).
+        # allocations would scan them several times per request (docs/results/2026-12-05-before-redesign.md).
         gc.collect()
         gc.freeze()
         gc.set_threshold(50_000, *gc.get_threshold()[1:])
