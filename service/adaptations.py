@@ -75,7 +75,6 @@ SWAGGER_DIR = Path(bentoml.__file__).parent / "_internal" / "server" / "static_c
 #: At shutdown, how long an idle keep-alive connection may take to bring a request its client already sent.
 IDLE_GRACE_S = 0.5
 HEAD_END = b"\r\n\r\n"
-INTERNAL_ERROR = "The server failed to handle this request; it is logged. Retry, or report it."
 
 
 class VersionError(RuntimeError):
@@ -270,7 +269,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         metrics.reject(code)
-        body = json.dumps({"error": code, "detail": detail}).encode()
+        body = json.dumps(ApiError(status, code, detail).body()).encode()
         reason = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
@@ -391,7 +390,7 @@ def _answer_api_errors() -> None:
             log.exception("%s %s failed", request.method, request.url.path)
         except Exception:  # BentoML would answer {"error": ...} or a bare 500: ours, logged
             log.exception("%s %s failed", request.method, request.url.path)
-        return error_response(ApiError(500, "internal_error", INTERNAL_ERROR))
+        return error_response(ApiError(500, *STATUS_CODES[500]))
 
     api_endpoint.imgcls_adapted = True  # type: ignore[attr-defined]
     ServiceAppFactory.api_endpoint = api_endpoint
