@@ -34,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from evidently.core.report import Snapshot
-from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+from prometheus_client import CollectorRegistry, Gauge
 
+from drift import EXIT_USAGE, UsageParser
 from drift.logread import LogError, find_log_files, parse_since
-from drift.promfile import write_textfile
+from drift.promfile import push, write_textfile
 from drift.reference import ReferenceError, model_folder
 from drift.report import COLUMNS
 from drift.reportpage import CANNOT_JUDGE
@@ -54,18 +55,19 @@ from drift.workspace import (
 )
 from imgcls.inference_log import (
     FEEDBACK,
+    KEPT_DIR,
     default_log_dir,
-    kept_files,
     log_files,
     parse_feedback,
     parse_record,
+    thumbnail_files,
     thumbnail_name,
 )  # fmt: skip
 from imgcls.model_files import METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_DROPPED, EXIT_CANNOT_JUDGE, EXIT_USAGE = 0, 1, 2, 64
+EXIT_OK, EXIT_DROPPED, EXIT_CANNOT_JUDGE = 0, 1, 2
 EXIT_CODES = f"""exit codes:
   {EXIT_OK}  the accuracy on labelled images is in line with the test accuracy
   {EXIT_DROPPED}  it dropped: even its 95% upper bound is more than --max-drop below the test accuracy
@@ -146,7 +148,7 @@ def join(
 
 def export(frame: pd.DataFrame, folder: Path, out: Path, corrected_only: bool) -> dict[str, int]:
     """Copy the kept image of each labelled prediction to ``out/<label>/``; the images copied per label."""
-    kept = kept_files(folder)
+    kept = thumbnail_files(folder, KEPT_DIR)
     if not kept:
         raise LogError(f"no kept image under {folder}: the service keeps images only with IMGCLS_KEEP_IMAGES_BYTES "
                        "set (off by default)")  # fmt: skip
@@ -262,14 +264,8 @@ def registry(result: AccuracyResult | None, model: str | None) -> CollectorRegis
     return reg
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m drift.accuracy", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+    p = UsageParser(prog="python -m drift.accuracy", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                 epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--log-dir", type=Path, default=default_log_dir(),
                    help="inference-log folder, with the feedback files (default: %(default)s)")  # fmt: skip
@@ -338,9 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prometheus: {write_textfile(args.prom_file or args.out / 'accuracy.prom', figures)}")
     if args.pushgateway:
         try:
-            push_to_gateway(
-                args.pushgateway, job=JOB, registry=figures, grouping_key={"model": model or ""}, timeout=30
-            )
+            push(args.pushgateway, figures, model, JOB)
         except OSError as exc:
             print(f"could not push to the Pushgateway {args.pushgateway}: {exc}", file=sys.stderr)
             return EXIT_CANNOT_JUDGE

@@ -110,6 +110,15 @@ def encode(record: Mapping[str, Any]) -> bytes:
 EARLIEST, LATEST = datetime(2000, 1, 1, tzinfo=UTC), datetime(2200, 1, 1, tzinfo=UTC)
 
 
+def _record_time(record: Mapping[str, Any]) -> datetime | None:
+    """The time a record carries, or None when it has none, has no time zone or lies outside the readable range."""
+    try:
+        when = datetime.fromisoformat(record["time"])
+    except (TypeError, ValueError, KeyError):
+        return None
+    return when if when.tzinfo is not None and EARLIEST <= when <= LATEST else None
+
+
 def parse_line(line: str | bytes) -> dict[str, Any] | None:
     """A validated record (version 1 lines get the version 2 fields' defaults), or None for a torn, corrupt,
     incomplete or unknown-version line, or one with a field of the wrong type or out of range (the caller counts
@@ -139,10 +148,10 @@ def parse_record(line: str | bytes) -> tuple[dict[str, Any], datetime] | None:
         if not isinstance(record["embedding"], list) or not record["embedding"]:
             return None
         embedding = [float(x) for x in record["embedding"]]
-        when = datetime.fromisoformat(record["time"])
     except (TypeError, ValueError, OverflowError):
         return None
-    if when.tzinfo is None or not EARLIEST <= when <= LATEST:
+    when = _record_time(record)
+    if when is None:
         return None
     if not all(math.isfinite(x) for x in numbers + embedding):
         return None
@@ -173,10 +182,9 @@ def parse_feedback(line: str | bytes) -> dict[str, Any] | None:
     """A validated feedback record, or None for a line that is not one."""
     try:
         record = json.loads(line)
-        when = datetime.fromisoformat(record["time"])
-    except (ValueError, UnicodeDecodeError, RecursionError, TypeError, KeyError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    if not isinstance(record, dict) or record.get("v") != FEEDBACK_VERSION or when.tzinfo is None:
+    if not isinstance(record, dict) or record.get("v") != FEEDBACK_VERSION or _record_time(record) is None:
         return None
     if not all(isinstance(record.get(k), str) and record[k] for k in ("request_id", "label", "model")):
         return None
@@ -197,12 +205,13 @@ def thumbnail_name(request_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", request_id) + ".jpg"
 
 
-def thumbnail_files(folder: str | os.PathLike) -> dict[str, Path]:
-    """The stored thumbnails by file name, under ``folder`` (or a log file's folder) and its per-pod subfolders."""
+def thumbnail_files(folder: str | os.PathLike, kind: str = THUMBNAIL_DIR) -> dict[str, Path]:
+    """The stored thumbnails (or, with ``kind=KEPT_DIR``, the kept images) by file name (:func:`thumbnail_name`),
+    under ``folder`` (or a log file's folder) and its per-pod subfolders."""
     folder = Path(folder)
     if folder.is_file():
         folder = folder.parent
-    found = [*folder.glob(f"{THUMBNAIL_DIR}/*.jpg"), *folder.glob(f"*/{THUMBNAIL_DIR}/*.jpg")]
+    found = [*folder.glob(f"{kind}/*.jpg"), *folder.glob(f"*/{kind}/*.jpg")]
     return {p.name: p for p in found}
 
 
@@ -221,12 +230,6 @@ def thumbnail_jpeg(pixels: np.ndarray, side: int = THUMBNAIL_SIDE, quality: int 
 def kept_jpeg(pixels: np.ndarray) -> bytes:
     """A kept image: the model-input array at full size, at a quality to train on."""
     return thumbnail_jpeg(pixels, side=max(pixels.shape[:2]), quality=95)
-
-
-def kept_files(folder: str | os.PathLike) -> dict[str, Path]:
-    """The kept images by file name (:func:`thumbnail_name`), under ``folder`` and its per-pod subfolders."""
-    folder = Path(folder)
-    return {p.name: p for p in (*folder.glob(f"{KEPT_DIR}/*.jpg"), *folder.glob(f"*/{KEPT_DIR}/*.jpg"))}
 
 
 class InferenceLogWriter:
@@ -467,9 +470,10 @@ def prune_oldest(folder: Path, pattern: str, budget: int, max_age_s: float = 0.0
     stats = []
     for p in folder.glob(pattern):
         try:
-            stats.append((p.stat().st_mtime, p.stat().st_size, p))
+            st = p.stat()
         except FileNotFoundError:  # another worker pruned it
             continue
+        stats.append((st.st_mtime, st.st_size, p))
     used, oldest = 0, _time.time() - max_age_s if max_age_s else float("-inf")
     for mtime, size, p in sorted(stats, reverse=True):
         used += size
