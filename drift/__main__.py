@@ -6,9 +6,9 @@ import argparse
 import logging
 import math
 import sys
-import typing as t
 from pathlib import Path
 
+from drift import EXIT_USAGE, UsageParser
 from drift.logread import LogError, parse_since, read_log
 from drift.promfile import push, registry, write_textfile
 from drift.reference import ReferenceError, load_reference
@@ -19,21 +19,13 @@ from drift.workspace import DEFAULT_PROJECT, WORKSPACE_DIR, cannot_judge_snapsho
 from imgcls.inference_log import PRODUCTION, default_log_dir
 from imgcls.model_files import VARIANTS
 
-EXIT_OK, EXIT_DRIFT, EXIT_CANNOT_JUDGE, EXIT_USAGE = 0, 1, 2, 64
+EXIT_OK, EXIT_DRIFT, EXIT_CANNOT_JUDGE = 0, 1, 2
 EXIT_CODES = f"""exit codes:
   {EXIT_OK}  no drift
   {EXIT_DRIFT}  drift: a feature, the predicted labels or the embeddings moved (see the report)
   {EXIT_CANNOT_JUDGE}  cannot judge: no log, too few rows, several models or variants in the window, no reference
   {EXIT_USAGE} the command line is wrong (nothing is judged, written or pushed)
 """
-
-
-class _Parser(argparse.ArgumentParser):
-    """A wrong command line exits EXIT_USAGE, apart from the verdicts a monitoring job reads."""
-
-    def error(self, message: str) -> t.NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _since(text: str) -> str:
@@ -46,7 +38,7 @@ def _since(text: str) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = DriftConfig()
-    p = _Parser(
+    p = UsageParser(
         prog="python -m drift",
         description=__doc__.splitlines()[0].split(": ", 1)[1],
         epilog=EXIT_CODES,

@@ -84,6 +84,6 @@ def write_textfile(path: str | os.PathLike, reg: CollectorRegistry) -> Path:
     return path
 
 
-def push(url: str, reg: CollectorRegistry, model: str | None) -> None:
+def push(url: str, reg: CollectorRegistry, model: str | None, job: str = JOB) -> None:
     """Replace this model's figures on a Pushgateway (grouped by job and model)."""
-    push_to_gateway(url, job=JOB, registry=reg, grouping_key={"model": model or ""}, timeout=30)
+    push_to_gateway(url, job=job, registry=reg, grouping_key={"model": model or ""}, timeout=30)
