@@ -23,6 +23,7 @@ foreign images, each judged by a choice made without it (``python -m training.oo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,13 @@ def features_of(stats: Mapping[str, float], probs: np.ndarray) -> dict[str, floa
     """The statistics of an image with what its answer says (:data:`ANSWER_STATS`): what a detector reads."""
     p = np.clip(np.asarray(probs, dtype=np.float64), 1e-12, 1.0)
     return {**stats, "max_prob": float(p.max()), "prob_entropy": float(-(p * np.log(p)).sum())}
+
+
+def feature_matrix(stats: Sequence[Mapping[str, float]], probs: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """[N, len(names)]: the features ``names`` (:data:`FEATURE_STATS`) of each image, from its statistics and the
+    model's probabilities for it."""
+    rows = [features_of(row, p) for row, p in zip(stats, probs, strict=True)]
+    return np.array([[r[k] for k in names] for r in rows], dtype=np.float64).reshape(len(rows), len(names))
 
 
 def _unit(embedding: np.ndarray) -> np.ndarray:
@@ -310,10 +318,9 @@ def fit(
                            quantile, apart, candidate.combine)  # fmt: skip
     raw = unscaled.parts(heldout_embedding, heldout_stats)
     m_scale, k_scale, a_scale = (max(float(np.quantile(raw[:, i], PART_QUANTILE)), 1e-9) for i in range(3))
-    if apart:
-        apart = Apart(apart.names, apart.center, apart.scale, apart.whiten, a_scale)
-    scaled = OodDetector(candidate.joint, center, scale, means, unscaled.precision, m_scale, bank, k,
-                         k_scale if k else 1.0, 1.0, quantile, apart, candidate.combine)  # fmt: skip
+    scaled = dataclasses.replace(
+        unscaled, mahalanobis_scale=m_scale, knn_scale=k_scale if k else 1.0,
+        apart=dataclasses.replace(apart, part_scale=a_scale) if apart else None,
+    )  # fmt: skip
     threshold = max(float(np.quantile(scaled.score(heldout_embedding, heldout_stats), quantile)), 1e-9)
-    return OodDetector(candidate.joint, center, scale, means, unscaled.precision, m_scale, bank, k,
-                       k_scale if k else 1.0, threshold, quantile, apart, candidate.combine)  # fmt: skip
+    return dataclasses.replace(scaled, threshold=threshold)

@@ -43,8 +43,7 @@ def statistics(images: Images) -> np.ndarray:
 
 def _detector_stats(stats: np.ndarray, probs: np.ndarray) -> np.ndarray:
     """The columns the detector reads (``ood.DEFAULT.inputs``) of the images' statistics and answers."""
-    rows = [ood.features_of(dict(zip(STAT_FIELDS, row, strict=True)), p) for row, p in zip(stats, probs, strict=True)]
-    return np.array([[r[k] for k in ood.DEFAULT.inputs] for r in rows]).reshape(len(rows), len(ood.DEFAULT.inputs))
+    return ood.feature_matrix([dict(zip(STAT_FIELDS, row, strict=True)) for row in stats], probs, ood.DEFAULT.inputs)
 
 
 def score_variant(
