@@ -52,10 +52,18 @@ def photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def _encode(img: Image.Image, fmt: str, **params) -> bytes:
+def encode(img: Image.Image, fmt: str, **params) -> bytes:
+    """The bytes of ``img`` saved as ``fmt`` (Pillow's save parameters)."""
     buf = io.BytesIO()
     img.save(buf, format=fmt, **params)
     return buf.getvalue()
+
+
+def repeat_last_scan(data: bytes, times: int) -> bytes:
+    """A progressive JPEG with its last refinement scan repeated ``times`` more: each scan is another pass over
+    every coefficient of the full-size image, for a few KB."""
+    last, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    return data[:end] + data[last:end] * times + data[end:]
 
 
 def web_jpeg(rng: np.random.Generator) -> TestImage:
@@ -63,12 +71,12 @@ def web_jpeg(rng: np.random.Generator) -> TestImage:
     w, h = WEB_SIZES[int(rng.integers(len(WEB_SIZES)))]
     if rng.random() < 0.3:
         w, h = h, w
-    return TestImage("web_jpeg", _encode(photo(w, h, rng), "JPEG", quality=85), "web.jpg", "image/jpeg", (w, h))
+    return TestImage("web_jpeg", encode(photo(w, h, rng), "JPEG", quality=85), "web.jpg", "image/jpeg", (w, h))
 
 
 def jpeg_500x375(rng: np.random.Generator) -> TestImage:
     """The comparison image: 500x375 JPEG at quality 90."""
-    data = _encode(photo(500, 375, rng), "JPEG", quality=90)
+    data = encode(photo(500, 375, rng), "JPEG", quality=90)
     return TestImage("jpeg_500x375", data, "photo.jpg", "image/jpeg", (500, 375))
 
 
@@ -78,7 +86,7 @@ def phone_jpeg(rng: np.random.Generator) -> TestImage:
     exif = Image.Exif()
     exif[0x0112] = 6 if rng.random() < 0.5 else 1  # 6: rotate 90 degrees when displayed, as phones do
     exif[0x0110] = "LoadTest Phone"
-    data = _encode(photo(w, h, rng), "JPEG", quality=90, exif=exif.tobytes())
+    data = encode(photo(w, h, rng), "JPEG", quality=90, exif=exif.tobytes())
     return TestImage("phone_jpeg", data, "IMG_0001.jpg", "image/jpeg", (w, h))
 
 
@@ -87,12 +95,12 @@ def png(rng: np.random.Generator) -> TestImage:
     img = photo(800, 600, rng)
     if rng.random() < 0.25:
         img.putalpha(200)
-    return TestImage("png", _encode(img, "PNG", compress_level=6), "image.png", "image/png", img.size)
+    return TestImage("png", encode(img, "PNG", compress_level=6), "image.png", "image/png", img.size)
 
 
 def webp(rng: np.random.Generator) -> TestImage:
     """A 1024x768 WebP at quality 80."""
-    data = _encode(photo(1024, 768, rng), "WEBP", quality=80)
+    data = encode(photo(1024, 768, rng), "WEBP", quality=80)
     return TestImage("webp", data, "image.webp", "image/webp", (1024, 768))
 
 

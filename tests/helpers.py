@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import io
 import os
 import shutil
 import struct
@@ -19,17 +18,11 @@ import requests
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.images import encode, repeat_last_scan
 from loadtest.servers import Target, start_service, stop_process
 from training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    """The bytes of ``img`` saved as ``fmt``."""
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def photo(w: int = 500, h: int = 375, mode: str = "RGB") -> Image.Image:
@@ -187,9 +180,9 @@ def podman(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
 def scan_bomb(side: int = 7000, repeats: int = 700) -> bytes:
     """A progressive JPEG of one colour that declares ``side`` x ``side`` and repeats its last refinement scan
     ``repeats`` times: a few hundred KB, each scan a pass over every coefficient of the full-size image."""
-    data = encode(Image.new("RGB", (side, side), (90, 140, 200)), "JPEG", quality=50, progressive=True)
-    last, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
-    return data[:end] + data[last:end] * repeats + data[end:]
+    return repeat_last_scan(
+        encode(Image.new("RGB", (side, side), (90, 140, 200)), "JPEG", quality=50, progressive=True), repeats
+    )
 
 
 def text_chunk_png(chunks: int = 60, chunk_bytes: int = 1 << 20) -> bytes:

@@ -9,7 +9,6 @@ right where that last column stays about the same from one kind of image to the 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
@@ -21,6 +20,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imgcls.preprocess import DecodeLimits, PreprocessSpec, open_image, plan_decode, preprocess_bytes  # noqa: E402
+from loadtest.images import encode, repeat_last_scan  # noqa: E402
 
 SPEC = PreprocessSpec(size=224)
 UNLIMITED = DecodeLimits(max_pixels=150_000_000, max_decode_pixels=10**12)
@@ -31,17 +31,6 @@ def photo(w: int, h: int) -> Image.Image:
     x, y = np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h))
     rgb = np.stack([x, y, 255 - x], axis=-1) + np.random.default_rng(0).normal(0, 20, (h, w, 3))
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def repeat_last_scan(data: bytes, times: int) -> bytes:
-    last, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
-    return data[:end] + data[last:end] * times + data[end:]
 
 
 def images() -> dict[str, bytes]:

@@ -44,6 +44,7 @@ from imgcls.imagestats import image_stats
 from imgcls.model_files import DEFAULT_MODEL, ModelFiles, open_model
 from imgcls.onnx_run import predict, session_for
 from imgcls.preprocess import FILE_LIMITS, preprocess_bytes
+from loadtest.images import encode
 
 FAMILIAR_AT_MOST = 0.02
 #: The kinds of source a detector must flag (the others, unseen or transformed demo images, are near the training).
@@ -61,10 +62,8 @@ WORDS = (
 ).split()
 
 
-def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
+def _jpeg(img: Image.Image) -> bytes:
+    return encode(img.convert("RGB"), "JPEG", quality=90)
 
 
 def _crops(photos: list[Image.Image], n: int, rng: np.random.Generator) -> list[bytes]:
@@ -114,14 +113,8 @@ def text_pages(n: int, rng: np.random.Generator) -> list[bytes]:
             line = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 12))))
             draw.text((int(rng.integers(2, 20)), y), line, font=font, fill=ink)
             y += int(size * rng.uniform(1.2, 1.8))
-        out.append(_jpeg(page) if rng.random() < 0.5 else _png(page))
+        out.append(_jpeg(page) if rng.random() < 0.5 else encode(page, "PNG"))
     return out
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def charts(n: int, rng: np.random.Generator) -> list[bytes]:
@@ -173,7 +166,7 @@ def textures(n: int, rng: np.random.Generator) -> list[bytes]:
             period = int(rng.integers(4, 40))
             cells = (np.arange(h)[:, None] // period + np.arange(w)[None, :] // period) % 2
             arr = cells[..., None] * rng.integers(0, 256, 3) + (1 - cells[..., None]) * rng.integers(0, 256, 3)
-        out.append(_png(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))))
+        out.append(encode(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), "PNG"))
     return out
 
 
@@ -258,8 +251,8 @@ def features(session, images: list[bytes], spec) -> Features:
     prepared = [preprocess_bytes(data, spec, FILE_LIMITS) for data in images]
     pixels = np.stack([p for p, _ in prepared])
     probs, embedding = predict(session, pixels)
-    rows = [ood.features_of(image_stats(p, size), prob) for (p, size), prob in zip(prepared, probs, strict=True)]
-    return Features(embedding, probs, np.array([[r[k] for k in ood.FEATURE_STATS] for r in rows]))
+    stats = ood.feature_matrix([image_stats(p, size) for p, size in prepared], probs, ood.FEATURE_STATS)
+    return Features(embedding, probs, stats)
 
 
 def training_features(files: ModelFiles, variant: str) -> dict[str, tuple[Features, np.ndarray]]:
@@ -275,9 +268,8 @@ def training_features(files: ModelFiles, variant: str) -> dict[str, tuple[Featur
     for name in ("train", "val"):
         loaded = load(splits[name], files.spec, cfg.workers)
         probs, embedding = predict(session, loaded.pixels)
-        rows = [ood.features_of(image_stats(p, s), pr) for p, s, pr in zip(loaded.pixels, loaded.sizes, probs,
-                                                                            strict=True)]  # fmt: skip
-        stats = np.array([[r[k] for k in ood.FEATURE_STATS] for r in rows])
+        rows = [image_stats(p, s) for p, s in zip(loaded.pixels, loaded.sizes, strict=True)]
+        stats = ood.feature_matrix(rows, probs, ood.FEATURE_STATS)
         out[name] = (Features(embedding, probs, stats), loaded.labels)
     return out
 
