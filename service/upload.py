@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
-import re
 import typing as t
 from dataclasses import dataclass
 
@@ -29,18 +28,16 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from imgcls.errors import ApiError, size_text
 from imgcls.inference_log import PRODUCTION
 from imgcls.preprocess import ACCEPTED_NAMES
+from service.settings import SOURCE_NAME, Settings
 
 if t.TYPE_CHECKING:
     from starlette.requests import Request
-
-    from service.settings import Settings
 
 DEFAULT_TOP_K = 5
 #: A worker receives up to this many largest bodies at once (IMGCLS_MAX_BODY_BYTES each) before it shares out.
 BUDGET_BODIES = 8
 #: The text fields of an upload besides its files.
 FIELDS = ("top_k", "source")
-_SOURCE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 SOURCE_HELP = (
     "Who sends this request, recorded in the inference log: production, or one of the other names the server "
     "allows (IMGCLS_TRAFFIC_SOURCES, e.g. loadtest), which the drift job leaves out. The header X-Traffic-Source "
@@ -156,7 +153,7 @@ def traffic_source(raw: str | None, allowed: frozenset[str] = frozenset({PRODUCT
     value = raw.strip().lower()
     if value not in allowed:
         shown = ", ".join(sorted(allowed))
-        what = "is not one this server accepts" if _SOURCE.match(value) else "is not a short name"
+        what = "is not one this server accepts" if SOURCE_NAME.match(value) else "is not a short name"
         raise ApiError(
             400,
             "invalid_traffic_source",
