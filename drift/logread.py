@@ -92,6 +92,14 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+def _keep_largest(heap: list, entry: tuple, size: int) -> None:
+    """Add ``entry`` to ``heap``, a min-heap holding the ``size`` largest entries offered."""
+    if len(heap) < size:
+        heapq.heappush(heap, entry)
+    else:
+        heapq.heappushpop(heap, entry)
+
+
 class _Window:
     """The rows of one model and variant (and embedding size) in the window: counted, and sampled."""
 
@@ -108,11 +116,7 @@ class _Window:
     def add(self, record: dict, when: datetime, seq: int) -> None:
         self.rows += 1
         if self.last is not None:
-            entry = (when, seq, record)
-            if len(self.newest) < self.last:
-                heapq.heappush(self.newest, entry)
-            else:
-                heapq.heappushpop(self.newest, entry)
+            _keep_largest(self.newest, (when, seq, record), self.last)
             return
         self._count(record, when, seq)
         if len(self.sample) < self.max_rows:
@@ -129,11 +133,7 @@ class _Window:
             self.with_flag += 1
             self.flagged += bool(record["unfamiliar"])
         if record["ood_score"] is not None:
-            entry = (float(record["ood_score"]), seq, record)
-            if len(self.top) < TOP_UNFAMILIAR:
-                heapq.heappush(self.top, entry)
-            else:
-                heapq.heappushpop(self.top, entry)
+            _keep_largest(self.top, (float(record["ood_score"]), seq, record), TOP_UNFAMILIAR)
 
     def finish(self) -> list[dict]:
         """The sample (and, with --last, the counts of the newest rows only); oldest first by time."""
