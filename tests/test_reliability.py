@@ -8,6 +8,7 @@ time and sends traffic to 127.0.0.1 only. The figures are printed; docs/reliabil
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -76,6 +77,27 @@ def normal_client(url: str, seconds: float, connections: int = 2) -> dict:
     [t.start() for t in threads]
     [t.join() for t in threads]
     return {"rps": statuses[200] / seconds, "statuses": dict(statuses), "latencies": latencies}
+
+
+@contextlib.contextmanager
+def workers_rss(server):
+    """The API workers' largest RSS now, and a list that gets their largest RSS every 50 ms until the block ends."""
+    pids = worker_pids(server)
+    base = max(psutil.Process(p).memory_info().rss for p in pids)
+    peak, done = [base], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak.append(max(psutil.Process(p).memory_info().rss for p in pids))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield base, peak
+    finally:
+        done.set()
+        watcher.join()
 
 
 def alone_and_attacked(url: str, attack, rounds: int = 3, seconds: float = 4.0) -> tuple[dict, dict]:
@@ -208,22 +230,10 @@ def test_slow_bodies_and_huge_headers_leave_a_normal_client_its_throughput(serve
 
 def test_costly_images_leave_a_normal_client_its_throughput_and_memory_stays_bounded(server):
     costly_uploads()
-    pids = worker_pids(server)
-    base_rss = max(psutil.Process(p).memory_info().rss for p in pids)
-    peak, done = [base_rss], threading.Event()
-
-    def watch_memory() -> None:
-        while not done.is_set():
-            peak.append(max(psutil.Process(p).memory_info().rss for p in pids))
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch_memory)
-    watcher.start()
-    alone, attacked = alone_and_attacked(
-        server.url, lambda: [in_process(costly_images, server.url, 60) for _ in range(4)]
-    )
-    done.set()
-    watcher.join()
+    with workers_rss(server) as (base_rss, peak):
+        alone, attacked = alone_and_attacked(
+            server.url, lambda: [in_process(costly_images, server.url, 60) for _ in range(4)]
+        )
     mb = 1 << 20
     ratio = attacked["rps"] / alone["rps"]
     print(f"normal client: {alone['rps']:.0f} req/s alone, {attacked['rps']:.0f} beside 4 clients of costly images "
@@ -484,22 +494,9 @@ def test_progressive_jpegs_that_would_hold_hundreds_of_mb_are_refused_and_memory
     """A progressive 7071x7071 4:4:4 JPEG keeps 300 MB of coefficients while it decodes: counted as memory
     before decoding, it is refused; eight at once leave the workers' memory where it was."""
     data = attack_images()["progressive_7071"]
-    pids = worker_pids(server)
-    base = max(psutil.Process(p).memory_info().rss for p in pids)
-    peak, done = [base], threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            peak.append(max(psutil.Process(p).memory_info().rss for p in pids))
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    with ThreadPoolExecutor(8) as pool:
+    with workers_rss(server) as (base, peak), ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda _: requests.post(server.url + "/classify", files={"image": ("p.jpg", data)},
                                                          timeout=60).status_code, range(16)))  # fmt: skip
-    done.set()
-    watcher.join()
     mb = 1 << 20
     print(f"16 progressive 7071x7071 JPEGs, 8 at a time: statuses {Counter(statuses)}; worker RSS {base / mb:.0f} "
           f"MB before, peak {max(peak) / mb:.0f} MB")  # fmt: skip
